@@ -1,0 +1,178 @@
+"""The `diffmine` command line (contract: ../shared/CLI.md).
+
+Every command returns a JSON-able dict; `--json` prints it as one object on stdout, otherwise a
+human summary is printed. Failures print one line on stderr and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from app.settings import Settings
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], dict | None]] = {}
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def command(name: str):
+    def register(func):
+        COMMANDS[name] = func
+        return func
+    return register
+
+
+def progress_bar(description: str, json_mode: bool):
+    """A progress callback(done, total) drawing a tqdm bar on stderr (not when piped in --json)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: float, total: float, message: str | None = None) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr,
+                       disable=json_mode and not sys.stderr.isatty(), dynamic_ncols=True)
+        bar.total = total
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+        bar.update(done - bar.n)  # tqdm redraws at most every 0.1 s
+        if done >= total:
+            bar.close()
+    return update
+
+
+# --- commands -------------------------------------------------------------------------------
+@command("ingest")
+def cmd_ingest(args, settings: Settings) -> dict:
+    from app.ingest import ingest_dataset
+
+    report = ingest_dataset(settings, source=args.source, name=args.name, manifest=args.manifest,
+                            path_column=args.path_column, label_columns=args.label_column or (),
+                            bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
+                            in_place=args.in_place, seed=args.seed,
+                            limit_per_label=args.limit_per_label,
+                            progress=progress_bar("ingest", args.json))
+    result = report.as_json()
+    if not args.json:
+        print(f"Ingested {report.images} images into dataset {report.dataset!r} "
+              f"({report.duplicates} duplicates kept once).")
+        for set_name, counts in report.label_sets.items():
+            print(f"  {set_name}: " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
+    return result
+
+
+@command("datasets")
+def cmd_datasets(args, settings: Settings) -> dict:
+    from app.services.datasets import list_datasets
+    from app.ingest import BUILTINS
+
+    datasets = list_datasets(settings)
+    if not args.json:
+        if not datasets:
+            print("No datasets yet. Try: diffmine ingest builtin:twemoji --name twemoji")
+        for ds in datasets:
+            print(f"{ds['name']}: {ds['images']} images")
+            for label_set in ds["label_sets"]:
+                labels = ", ".join(f"{l['name']} ({l['images']})" for l in label_set["labels"])
+                print(f"  {label_set['name']} [{label_set['kind']}]: {labels}")
+        print("Builtin datasets (diffmine ingest builtin:NAME): " + ", ".join(BUILTINS))
+    return {"datasets": datasets, "builtin": BUILTINS}
+
+
+@command("serve")
+def cmd_serve(args, settings: Settings) -> None:
+    import uvicorn
+
+    from app.db import upgrade
+    from app.web import create_app
+
+    upgrade(settings)
+    print(f"diffmine is serving {settings.home_dir} at http://{settings.host}:{settings.port}/",
+          flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+@command("demo")
+def cmd_demo(args, settings: Settings) -> None:
+    from app.services.datasets import dataset_by_name
+
+    args.source, args.name = "builtin:twemoji", "twemoji"
+    for attr, value in dict(manifest=None, path_column=None, label_column=None, bin=None,
+                            multi_sep="|", holdout=0.1, in_place=False,
+                            limit_per_label=None).items():
+        setattr(args, attr, getattr(args, attr, value))
+    if dataset_by_name(settings, "twemoji") is None:
+        cmd_ingest(args, settings)
+    else:
+        print("Dataset 'twemoji' is already ingested.")
+    cmd_serve(args, settings)
+
+
+# --- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="data directory (default: $DIFFMINE_HOME or ./diffmine-data)")
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser = argparse.ArgumentParser(prog="diffmine", parents=[common], description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", parents=[common], help="add a labeled image dataset")
+    ingest.add_argument("source", help="a zip, a folder, or builtin:twemoji / builtin:animals")
+    ingest.add_argument("--name", required=True)
+    ingest.add_argument("--manifest", help="CSV or JSONL manifest (default: manifest.csv/.jsonl in the source)")
+    ingest.add_argument("--path-column")
+    ingest.add_argument("--label-column", action="append", help="repeatable: one label set each")
+    ingest.add_argument("--bin", type=int, help="bin numeric labels into ranges of this many years")
+    ingest.add_argument("--multi-sep", default="|", help="separator of several labels in one cell")
+    ingest.add_argument("--holdout", type=float, default=0.1, help="fraction kept for evaluation")
+    ingest.add_argument("--in-place", action="store_true", help="reference a server folder, don't copy")
+    ingest.add_argument("--seed", type=int, default=0)
+    ingest.add_argument("--limit-per-label", type=int, help="builtin datasets: sample this many per label")
+
+    sub.add_parser("datasets", parents=[common], help="list datasets, label sets and counts")
+
+    for name, text in (("serve", "serve the web app"), ("demo", "ingest the demo dataset and serve it")):
+        cmd = sub.add_parser(name, parents=[common], help=text)
+        cmd.add_argument("--host")
+        cmd.add_argument("--port", type=int)
+        if name == "demo":
+            cmd.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {k: getattr(args, k) for k in ("home", "host", "port")
+                 if getattr(args, k, None) is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+        result = COMMANDS[args.command](args, settings)
+    except KeyboardInterrupt:
+        print("diffmine: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
+        from app.ingest import IngestError
+
+        known = isinstance(exc, (IngestError, CommandError, FileNotFoundError))
+        reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        print(f"diffmine {args.command}: {reason}".replace("\n", " "), file=sys.stderr)
+        if os.environ.get("DIFFMINE_TRACEBACK"):
+            raise
+        return 1
+    if args.json and result is not None:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Ingest a dataset all-or-nothing: files are staged, rows written in one transaction, and any
+error removes both, so a failed upload leaves the database and data folder as they were."""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sqlalchemy import insert, select
+
+from app.db import session_scope, upgrade
+from app.ingest.builtin import builtin_source
+from app.ingest.entries import Entry, LabelSetSpec
+from app.ingest.errors import IngestError
+from app.ingest.images import check_image, content_path, thumb_suffix, write_thumbnail
+from app.ingest.manifest import ManifestOptions
+from app.ingest.sources import ZipLimits, open_source
+from app.models import Dataset, Image, ImageLabel, Label, LabelSet
+from app.settings import Settings
+
+Progress = Callable[[int, int], None]
+NUMBER_PREFIX = re.compile(r"^-?\d+(\.\d+)?")
+
+
+@dataclass
+class IngestReport:
+    dataset: str
+    images: int
+    duplicates: int
+    label_sets: dict[str, dict[str, int]]
+    duplicate_paths: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"dataset": self.dataset, "images": self.images, "duplicates": self.duplicates,
+                "label_sets": self.label_sets,
+                "duplicate_paths": [list(p) for p in self.duplicate_paths[:100]]}
+
+
+@dataclass
+class _Kept:
+    entry: Entry
+    sha256: str
+    width: int
+    height: int
+    stored_path: str
+    thumb_path: str
+    split: str = "train"
+
+
+def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str | None = None,
+                   path_column: str | None = None, label_columns: Iterable[str] = (),
+                   bin_years: int | None = None, multi_sep: str = "|", holdout: float = 0.1,
+                   in_place: bool = False, seed: int = 0, limit_per_label: int | None = None,
+                   progress: Progress | None = None) -> IngestReport:
+    name = _check_name(name)
+    if not 0 <= holdout < 1:
+        raise IngestError(f"holdout fraction must be in [0, 1), got {holdout}")
+    upgrade(settings)
+    with session_scope(settings) as session:
+        if session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
+            raise IngestError(f"a dataset named {name!r} already exists")
+
+    if source.startswith("builtin:"):
+        entries, specs, close = builtin_source(source.removeprefix("builtin:"),
+                                               limit_per_label=limit_per_label, seed=seed)
+    else:
+        options = ManifestOptions(path_column=path_column, label_columns=list(label_columns),
+                                  bin_years=bin_years, multi_sep=multi_sep)
+        limits = ZipLimits(settings.max_zip_entries, settings.max_upload_bytes,
+                           settings.max_zip_ratio)
+        entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
+                                            options=options, limits=limits, in_place=in_place)
+    staging = settings.staging_dir / uuid.uuid4().hex
+    try:
+        kept, duplicates = _stage_images(settings, entries, staging, progress)
+        label_sets = _label_sets(kept, specs, settings.min_images_per_label)
+        _assign_holdout(kept, next(iter(label_sets)), holdout, seed)
+        _commit(settings, name=name, source=source, in_place=in_place, kept=kept,
+                label_sets=label_sets, specs=specs, staging=staging)
+    finally:
+        close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return IngestReport(dataset=name, images=len(kept), duplicates=len(duplicates),
+                        duplicate_paths=duplicates,
+                        label_sets={s: dict(c) for s, c in label_sets.items()})
+
+
+def _check_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 200 or any(ord(ch) < 32 for ch in name):
+        raise IngestError("dataset name must be 1-200 printable characters")
+    return name
+
+
+def _stage_images(settings: Settings, entries: list[Entry], staging: Path,
+                  progress: Progress | None) -> tuple[list[_Kept], list[tuple[str, str]]]:
+    if not entries:
+        raise IngestError("no images found")
+    kept: dict[str, _Kept] = {}
+    duplicates: list[tuple[str, str]] = []
+    for number, entry in enumerate(entries, 1):
+        data = entry.read()
+        checked = check_image(data, path=entry.path, max_pixels=settings.max_image_pixels)
+        if checked.sha256 in kept:
+            duplicates.append((entry.path, kept[checked.sha256].entry.path))
+        else:
+            kept[checked.sha256] = _stage_one(settings, entry, data, checked, staging)
+        if progress:
+            progress(number, len(entries))
+    return list(kept.values()), duplicates
+
+
+def _stage_one(settings, entry: Entry, data: bytes, checked, staging: Path) -> _Kept:
+    small = max(checked.width, checked.height) <= settings.thumbnail_px
+    thumb_rel = "thumbs/" + content_path(checked.sha256, thumb_suffix((checked.width, checked.height)))
+    if not (small and entry.in_place_path is None) and not (settings.home_dir / thumb_rel).exists():
+        write_thumbnail(checked.rgb, staging / thumb_rel, settings.thumbnail_px)
+    if entry.in_place_path is not None:
+        # Referenced, not copied: the engine's loader converts to RGB when it reads the file.
+        stored = str(entry.in_place_path.resolve())
+    else:
+        stored = "images/" + content_path(checked.sha256, checked.suffix)
+        if not (settings.home_dir / stored).exists():
+            target = staging / stored
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(checked.stored_bytes or data)
+    # An image already thumbnail-sized (and inside the data folder) is its own thumbnail.
+    if small and entry.in_place_path is None:
+        thumb_rel = stored
+    return _Kept(entry=entry, sha256=checked.sha256, width=checked.width, height=checked.height,
+                 stored_path=stored, thumb_path=thumb_rel)
+
+
+def _label_sets(kept: list[_Kept], specs: dict[str, LabelSetSpec],
+                min_images: int) -> dict[str, Counter]:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for item in kept:
+        for set_name, labels in item.entry.labels.items():
+            counts[set_name].update(set(labels))
+    if not counts:
+        raise IngestError("no labels found")
+    for set_name, counter in counts.items():
+        if len(counter) < 2:
+            raise IngestError(f"label set {set_name!r} has a single label "
+                              f"({', '.join(counter) or 'none'}); typicality compares labels, "
+                              f"so at least two are needed")
+        few = {label: n for label, n in counter.items() if n < min_images}
+        if few:
+            raise IngestError(f"label set {set_name!r}: label(s) with fewer than {min_images} "
+                              f"images: " + ", ".join(f"{k!r} ({v})" for k, v in sorted(few.items())))
+    return dict(counts)
+
+
+def label_order(labels: Iterable[str], spec: LabelSetSpec | None) -> list[str]:
+    labels = list(labels)
+    if spec and spec.order:
+        return [l for l in spec.order if l in labels] + sorted(set(labels) - set(spec.order))
+    if all(NUMBER_PREFIX.match(l) for l in labels):
+        return sorted(labels, key=lambda l: (float(NUMBER_PREFIX.match(l).group()), l))
+    return sorted(labels, key=lambda l: (l.casefold(), l))
+
+
+def label_set_kind(set_name: str, kept: list[_Kept], spec: LabelSetSpec | None) -> str:
+    if any(len(item.entry.labels.get(set_name, [])) > 1 for item in kept):
+        return "multi"
+    if spec:
+        return spec.kind
+    labels = {l for item in kept for l in item.entry.labels.get(set_name, [])}
+    return "ordinal" if all(NUMBER_PREFIX.match(l) for l in labels) else "categorical"
+
+
+def _assign_holdout(kept: list[_Kept], primary_set: str, fraction: float, seed: int) -> None:
+    """Seeded holdout per label of the first label set, independent of input order."""
+    groups: dict[str, list[_Kept]] = defaultdict(list)
+    for item in kept:
+        groups[min(item.entry.labels.get(primary_set) or [""])].append(item)
+    rng = random.Random(seed)
+    for label in sorted(groups):
+        members = sorted(groups[label], key=lambda k: k.sha256)
+        rng.shuffle(members)
+        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) > 1 else 0
+        for item in members[:count]:
+            item.split = "holdout"
+
+
+def _commit(settings: Settings, *, name, source, in_place, kept, label_sets, specs, staging) -> None:
+    moved: list[Path] = []
+    try:
+        with session_scope(settings) as session:
+            dataset = Dataset(name=name, source=source, in_place=in_place,
+                              root=str(Path(source).resolve()) if in_place else None,
+                              image_count=len(kept))
+            session.add(dataset)
+            session.flush()
+            label_ids = _insert_labels(session, dataset.id, kept, label_sets, specs)
+            image_ids = session.scalars(
+                insert(Image).returning(Image.id, sort_by_parameter_order=True),
+                [dict(dataset_id=dataset.id, sha256=k.sha256, stored_path=k.stored_path,
+                      thumb_path=k.thumb_path, original_path=k.entry.path, width=k.width,
+                      height=k.height, split=k.split, extra=k.entry.extra) for k in kept]).all()
+            links = [{"image_id": image_id, "label_id": label_ids[(set_name, label)]}
+                     for image_id, item in zip(image_ids, kept)
+                     for set_name, labels in item.entry.labels.items() for label in set(labels)]
+            if links:
+                session.execute(insert(ImageLabel), links)
+            moved = _publish(staging, settings.home_dir)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _insert_labels(session, dataset_id: int, kept, label_sets, specs) -> dict[tuple[str, str], int]:
+    ids = {}
+    for set_name, counter in label_sets.items():
+        spec = specs.get(set_name)
+        label_set = LabelSet(dataset_id=dataset_id, name=set_name,
+                             kind=label_set_kind(set_name, kept, spec))
+        session.add(label_set)
+        session.flush()
+        for position, label in enumerate(label_order(counter, spec)):
+            row = Label(label_set_id=label_set.id, name=label, position=position,
+                        image_count=counter[label])
+            session.add(row)
+            session.flush()
+            ids[(set_name, label)] = row.id
+    return ids
+
+
+def _publish(staging: Path, home: Path) -> list[Path]:
+    """Move staged files into the data folder; return the ones this ingest created."""
+    created = []
+    if not staging.exists():
+        return created
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = home / path.relative_to(staging)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+        created.append(target)
+    return created

@@ -1,0 +1,144 @@
+"""Turn a zip or a folder into Entries: one subfolder per label, or a manifest.
+
+Every structural check (unsafe paths, symlinks, zip bombs) runs before any image is read, so a
+bad archive is refused before anything is written.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from app.ingest.entries import Entry, LabelSetSpec
+from app.ingest.errors import IngestError
+from app.ingest.paths import is_ignored, safe_relpath
+from app.ingest.manifest import ManifestOptions, entries_from_manifest, find_manifest
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MANIFEST_SUFFIXES = {".csv", ".jsonl"}
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    max_entries: int
+    max_total_bytes: int
+    max_ratio: float
+
+
+# --- zips ---------------------------------------------------------------------------------
+def check_zip(archive: zipfile.ZipFile, limits: ZipLimits) -> list[zipfile.ZipInfo]:
+    infos = [i for i in archive.infolist() if not i.is_dir()]
+    if len(infos) > limits.max_entries:
+        raise IngestError(f"zip has {len(infos)} files, more than the limit {limits.max_entries}")
+    total = 0
+    for info in infos:
+        safe_relpath(info.filename)
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise IngestError("symbolic links are not accepted in a zip", path=info.filename)
+        if info.file_size > 1_000_000 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+            raise IngestError(
+                f"compression ratio {info.file_size / max(info.compress_size, 1):.0f}:1 "
+                f"exceeds {limits.max_ratio:.0f}:1 (zip bomb?)", path=info.filename)
+        total += info.file_size
+    if total > limits.max_total_bytes:
+        raise IngestError(f"zip expands to {total} bytes, more than the limit "
+                          f"{limits.max_total_bytes} (zip bomb?)")
+    return infos
+
+
+def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with archive.open(info) as handle:
+            # Never trust the declared size: read one byte past it to catch a lying header.
+            data = handle.read(info.file_size + 1)
+        if len(data) > info.file_size:
+            raise IngestError("entry is larger than its header says (zip bomb?)", path=info.filename)
+        return data
+    return read
+
+
+def zip_files(archive: zipfile.ZipFile, limits: ZipLimits) -> dict[str, Callable[[], bytes]]:
+    return {safe_relpath(i.filename): _zip_reader(archive, i)
+            for i in check_zip(archive, limits) if not is_ignored(safe_relpath(i.filename))}
+
+
+# --- folders ------------------------------------------------------------------------------
+def folder_files(root: Path) -> dict[str, Path]:
+    """Every regular file under root, by relative path; symlinks are refused, not followed."""
+    found: dict[str, Path] = {}
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as it:
+            for item in it:
+                rel = Path(item.path).relative_to(root).as_posix()
+                if is_ignored(rel):
+                    continue
+                if item.is_symlink():
+                    raise IngestError("symbolic links are not accepted", path=rel)
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(Path(item.path))
+                elif item.is_file(follow_symlinks=False):
+                    found[rel] = Path(item.path)
+    return dict(sorted(found.items()))
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+# --- from files to entries ----------------------------------------------------------------
+def strip_common_folder(names: list[str]) -> str:
+    """A zip of a folder wraps everything in one top folder; return that prefix ("" if none)."""
+    tops = {n.split("/", 1)[0] for n in names}
+    if len(tops) == 1 and all(n.count("/") >= 2 for n in names):
+        return tops.pop() + "/"
+    return ""
+
+
+def entries_from_label_folders(files: dict[str, Callable[[], bytes]],
+                               local_paths: dict[str, Path] | None) -> Iterator[Entry]:
+    prefix = strip_common_folder(list(files))
+    for name, read in files.items():
+        rel = name[len(prefix):]
+        if "/" not in rel:
+            raise IngestError("file lies outside any label folder; use one subfolder per label "
+                              "or a manifest", path=name)
+        label = rel.split("/", 1)[0]
+        yield Entry(path=name, read=read, labels={"label": [label]},
+                    in_place_path=local_paths.get(name) if local_paths else None)
+
+
+def open_source(source: Path, *, manifest: Path | None, options: ManifestOptions,
+                limits: ZipLimits, in_place: bool
+                ) -> tuple[list[Entry], dict[str, LabelSetSpec], Callable[[], None]]:
+    """Entries of a zip or folder, their label-set specs, and a function that closes the source."""
+    if not source.exists():
+        raise IngestError("no such file or folder", path=str(source))
+    if source.is_dir():
+        local = folder_files(source)
+        files = {rel: _file_reader(p) for rel, p in local.items()}
+        local_paths = local if in_place else None
+        close = lambda: None  # noqa: E731
+    elif zipfile.is_zipfile(source):
+        if in_place:
+            raise IngestError("--in-place needs a folder, not a zip", path=str(source))
+        archive = zipfile.ZipFile(source)
+        files, local_paths, close = zip_files(archive, limits), None, archive.close
+    else:
+        raise IngestError("not a zip file or a folder", path=str(source))
+    try:
+        manifest_name, manifest_bytes = find_manifest(files, manifest)
+        if manifest_bytes is not None:
+            files.pop(manifest_name, None)
+            entries, specs = entries_from_manifest(manifest_bytes, manifest_name, files,
+                                                   local_paths, options)
+        else:
+            entries, specs = list(entries_from_label_folders(files, local_paths)), {}
+    except BaseException:
+        close()
+        raise
+    return entries, specs, close

@@ -1,0 +1,71 @@
+"""Read-side queries about datasets, shared by the CLI and the web views."""
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from app.db import session_scope, upgrade
+from app.models import Dataset, Image, ImageLabel, Label, LabelSet
+from app.settings import Settings
+
+
+def _label_set_json(label_set: LabelSet) -> dict:
+    return {"id": label_set.id, "name": label_set.name, "kind": label_set.kind,
+            "labels": [{"id": l.id, "name": l.name, "images": l.image_count}
+                       for l in label_set.labels]}
+
+
+def dataset_json(dataset: Dataset) -> dict:
+    return {"id": dataset.id, "name": dataset.name, "images": dataset.image_count,
+            "source": dataset.source, "in_place": dataset.in_place,
+            "created_at": dataset.created_at.isoformat(timespec="seconds"),
+            "label_sets": [_label_set_json(s) for s in dataset.label_sets]}
+
+
+def _with_labels():
+    return selectinload(Dataset.label_sets).selectinload(LabelSet.labels)
+
+
+def datasets_query():
+    return select(Dataset).options(_with_labels()).order_by(Dataset.id)
+
+
+def list_datasets(settings: Settings) -> list[dict]:
+    upgrade(settings)
+    with session_scope(settings) as session:
+        rows = session.scalars(datasets_query())
+        return [dataset_json(d) for d in rows]
+
+
+def dataset_by_name(settings: Settings, name: str) -> dict | None:
+    upgrade(settings)
+    with session_scope(settings) as session:
+        dataset = session.scalar(select(Dataset).options(_with_labels())
+                                 .where(Dataset.name == name))
+        return dataset_json(dataset) if dataset else None
+
+
+def load_dataset(session: Session, dataset_id: int) -> Dataset | None:
+    return session.scalar(select(Dataset).options(_with_labels()).where(Dataset.id == dataset_id))
+
+
+def sample_images(session: Session, label_id: int, *, limit: int = 8) -> list[Image]:
+    """A few images of a label, by id: an index range scan, never the whole table."""
+    return list(session.scalars(
+        select(Image).join(ImageLabel, ImageLabel.image_id == Image.id)
+        .where(ImageLabel.label_id == label_id).order_by(Image.id).limit(limit)))
+
+
+def dataset_samples(session: Session, dataset_id: int, *, limit: int) -> list[Image]:
+    return list(session.scalars(select(Image).where(Image.dataset_id == dataset_id)
+                                .order_by(Image.id).limit(limit)))
+
+
+def label_images(session: Session, label_id: int, *, offset: int, limit: int) -> list[Image]:
+    return list(session.scalars(
+        select(Image).join(ImageLabel, ImageLabel.image_id == Image.id)
+        .where(ImageLabel.label_id == label_id).order_by(Image.id).offset(offset).limit(limit)))
+
+
+def get_label(session: Session, label_id: int) -> Label | None:
+    return session.get(Label, label_id)

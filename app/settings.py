@@ -1,0 +1,73 @@
+"""Every setting diffmine reads, declared once.
+
+Each field is an environment variable with the DIFFMINE_ prefix (DIFFMINE_HOME, DIFFMINE_PORT...);
+the CLI's global flags override them by building a Settings with explicit values.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFMINE_", extra="ignore")
+
+    home: Path = Field(Path("diffmine-data"), description="data directory: database, files, indexes")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in home")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device")
+    token: str | None = Field(None, description="access token; when set, every request needs it")
+
+    # Ingest limits: an upload beyond them is refused whole.
+    max_upload_bytes: int = 20 * 2**30
+    max_zip_entries: int = 2_000_000
+    max_zip_ratio: float = 200.0
+    max_image_pixels: int = 64_000_000
+    min_images_per_label: int = 5
+    thumbnail_px: int = 128
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'diffmine.sqlite'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home_dir / "images"
+
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.home_dir / "thumbs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home_dir / "models"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home_dir / "runs"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home_dir / "staging"
+
+    def resolved_device(self) -> str:
+        """The torch device to use; imports torch, so only the worker calls it."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
