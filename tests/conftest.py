@@ -1,0 +1,68 @@
+"""Shared fixtures: a fresh data directory per test, and real image files to upload."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+from sqlalchemy import inspect, text
+
+from app.db import engine_for, upgrade
+from app.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    s = Settings(home=tmp_path / "home", min_images_per_label=3)
+    upgrade(s)
+    return s
+
+
+def png_bytes(seed: int, size: int = 32, mode: str = "RGB") -> bytes:
+    """A small distinct image: a coloured shape whose position depends on the seed."""
+    image = Image.new(mode, (size, size), (seed * 37 % 256, 90, 200) if mode == "RGB" else 0)
+    draw = ImageDraw.Draw(image)
+    offset = seed % (size // 2)
+    draw.rectangle([offset, offset, offset + size // 3, offset + size // 4],
+                   fill=(255, (seed * 11) % 256, 0) if mode == "RGB" else 255)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def label_files(labels: dict[str, int], start: int = 0) -> dict[str, bytes]:
+    """{"cat/0.png": bytes, ...}: `n` distinct images per label."""
+    files, seed = {}, start
+    for label, count in labels.items():
+        for i in range(count):
+            files[f"{label}/{i}.png"] = png_bytes(seed)
+            seed += 1
+    return files
+
+
+def write_zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
+
+
+def snapshot(settings: Settings) -> tuple[dict, set]:
+    """Row counts of every table and every file in the data directory (but the database's own)."""
+    engine = engine_for(settings.db_url)
+    with engine.connect() as conn:
+        counts = {t: conn.execute(text(f'SELECT COUNT(*) FROM "{t}"')).scalar()
+                  for t in inspect(conn).get_table_names()}
+    files = {p.relative_to(settings.home_dir).as_posix() for p in settings.home_dir.rglob("*")
+             if p.is_file() and not p.name.startswith("diffmine.sqlite")}
+    return counts, files
