@@ -48,21 +48,64 @@ def progress_bar(description: str, json_mode: bool):
 
 
 # --- commands -------------------------------------------------------------------------------
+def queue_or_wait(args, settings: Settings, kind: str, params: dict) -> dict | None:
+    """With --queue, record the job and return its id; with --wait, also follow it to the end.
+    Returns None when the work should run in the foreground."""
+    if not (args.queue or args.wait):
+        return None
+    from app.db import session_scope, upgrade
+    from app.jobs import enqueue
+
+    upgrade(settings)
+    with session_scope(settings) as session:
+        job_id = enqueue(session, kind=kind, params=params).id
+    if not args.wait:
+        if not args.json:
+            print(f"Queued job {job_id} ({kind}); follow it with: diffmine jobs")
+        return {"job": job_id}
+    return wait_for_job(settings, job_id, json_mode=args.json)
+
+
+def wait_for_job(settings: Settings, job_id: int, *, json_mode: bool) -> dict:
+    import time
+
+    from app.db import session_scope
+    from app.models import Job
+
+    bar = progress_bar(f"job {job_id}", json_mode)
+    while True:
+        with session_scope(settings) as session:
+            job = session.get(Job, job_id)
+            status, result, error = job.status, job.result, job.error
+            done, total, message = job.progress_done, job.progress_total, job.message
+        if total:
+            bar(min(done, total), total, message)
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    if status != "succeeded":
+        raise CommandError(f"job {job_id} {status}" + (f": {error}" if error else ""))
+    return dict(result or {}, job=job_id)
+
+
 @command("ingest")
 def cmd_ingest(args, settings: Settings) -> dict:
     from app.ingest import ingest_dataset
 
-    report = ingest_dataset(settings, source=args.source, name=args.name, manifest=args.manifest,
-                            path_column=args.path_column, label_columns=args.label_column or (),
-                            bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
-                            in_place=args.in_place, seed=args.seed,
-                            limit_per_label=args.limit_per_label,
-                            progress=progress_bar("ingest", args.json))
-    result = report.as_json()
+    params = dict(source=args.source, name=args.name, manifest=args.manifest,
+                  path_column=args.path_column, label_columns=args.label_column or [],
+                  bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
+                  in_place=args.in_place, seed=args.seed, limit_per_label=args.limit_per_label,
+                  min_images_per_label=args.min_per_label)
+    queued = queue_or_wait(args, settings, "ingest", params)
+    if queued is not None and "dataset" not in queued:
+        return queued
+    result = queued or ingest_dataset(settings, **params,
+                                      progress=progress_bar("ingest", args.json)).as_json()
     if not args.json:
-        print(f"Ingested {report.images} images into dataset {report.dataset!r} "
-              f"({report.duplicates} duplicates kept once).")
-        for set_name, counts in report.label_sets.items():
+        print(f"Ingested {result['images']} images into dataset {result['dataset']!r} "
+              f"({result.get('duplicates', 0)} duplicates kept once).")
+        for set_name, counts in result.get("label_sets", {}).items():
             print(f"  {set_name}: " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
     return result
 
@@ -85,6 +128,52 @@ def cmd_datasets(args, settings: Settings) -> dict:
     return {"datasets": datasets, "builtin": BUILTINS}
 
 
+@command("worker")
+def cmd_worker(args, settings: Settings) -> None:
+    from worker.runner import Worker
+
+    worker = Worker(settings, worker_id=args.worker_id, lease_seconds=args.lease,
+                    poll_seconds=args.poll)
+    if not args.json:
+        print(f"diffmine worker {worker.worker_id} on {settings.home_dir}", flush=True)
+    worker.run(exit_when_idle=args.exit_when_idle)
+
+
+@command("jobs")
+def cmd_jobs(args, settings: Settings) -> dict:
+    from app.db import session_scope, upgrade
+    from app.jobs import job_json, list_jobs
+
+    upgrade(settings)
+    with session_scope(settings) as session:
+        jobs = [job_json(j) for j in list_jobs(session, active_only=not args.all, limit=args.limit)]
+    if not args.json:
+        if not jobs:
+            print("No queued or running jobs." if not args.all else "No jobs.")
+        for job in jobs:
+            fraction = f" {100 * job['fraction']:.0f}%" if job["fraction"] is not None else ""
+            eta = f" eta {job['eta_seconds']:.0f}s" if job["eta_seconds"] else ""
+            print(f"{job['id']:>5} {job['kind']:<10} {job['status']:<10}{fraction}{eta} "
+                  f"{job['stage'] or ''} {job['message'] or ''} {job['error'] or ''}".rstrip())
+    return {"jobs": jobs}
+
+
+@command("cancel")
+def cmd_cancel(args, settings: Settings) -> dict:
+    from app.db import session_scope
+    from app.jobs import job_json, request_cancel
+
+    with session_scope(settings) as session:
+        job = request_cancel(session, args.job)
+        if job is None:
+            raise CommandError(f"no job {args.job}")
+        result = job_json(job)
+    if not args.json:
+        print(f"Job {args.job}: {result['status']}"
+              + (" (stops at its next step)" if result["cancel_requested"] else ""))
+    return result
+
+
 @command("serve")
 def cmd_serve(args, settings: Settings) -> None:
     import uvicorn
@@ -104,8 +193,8 @@ def cmd_demo(args, settings: Settings) -> None:
 
     args.source, args.name = "builtin:twemoji", "twemoji"
     for attr, value in dict(manifest=None, path_column=None, label_column=None, bin=None,
-                            multi_sep="|", holdout=0.1, in_place=False,
-                            limit_per_label=None).items():
+                            multi_sep="|", holdout=0.1, in_place=False, queue=False,
+                            wait=False, limit_per_label=None, min_per_label=None).items():
         setattr(args, attr, getattr(args, attr, value))
     if dataset_by_name(settings, "twemoji") is None:
         cmd_ingest(args, settings)
@@ -135,7 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--seed", type=int, default=0)
     ingest.add_argument("--limit-per-label", type=int, help="builtin datasets: sample this many per label")
 
+    ingest.add_argument("--min-per-label", type=int, help="fewest images a label may have")
+    add_queue_flags(ingest)
+
     sub.add_parser("datasets", parents=[common], help="list datasets, label sets and counts")
+
+    worker = sub.add_parser("worker", parents=[common], help="run the job worker until stopped")
+    worker.add_argument("--worker-id")
+    worker.add_argument("--lease", type=float, default=30.0, help="seconds a job's lease lasts")
+    worker.add_argument("--poll", type=float, default=1.0, help="seconds between queue polls")
+    worker.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
+
+    jobs = sub.add_parser("jobs", parents=[common], help="queued and running jobs with progress")
+    jobs.add_argument("--all", action="store_true", help="finished jobs too")
+    jobs.add_argument("--limit", type=int, default=50)
+
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    cancel.add_argument("job", type=int)
 
     for name, text in (("serve", "serve the web app"), ("demo", "ingest the demo dataset and serve it")):
         cmd = sub.add_parser(name, parents=[common], help=text)
@@ -144,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             cmd.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def add_queue_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", action="store_true", help="put the work on the worker's queue")
+    parser.add_argument("--wait", action="store_true", help="queue it and follow it to the end")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

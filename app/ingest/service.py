@@ -56,6 +56,7 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
                    path_column: str | None = None, label_columns: Iterable[str] = (),
                    bin_years: int | None = None, multi_sep: str = "|", holdout: float = 0.1,
                    in_place: bool = False, seed: int = 0, limit_per_label: int | None = None,
+                   min_images_per_label: int | None = None, staging_key: str | None = None,
                    progress: Progress | None = None) -> IngestReport:
     name = _check_name(name)
     if not 0 <= holdout < 1:
@@ -75,10 +76,12 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
                            settings.max_zip_ratio)
         entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
                                             options=options, limits=limits, in_place=in_place)
-    staging = settings.staging_dir / uuid.uuid4().hex
+    # A job passes its own key, so a retry after a killed worker clears the dead attempt's files.
+    staging = settings.staging_dir / (staging_key or uuid.uuid4().hex)
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         kept, duplicates = _stage_images(settings, entries, staging, progress)
-        label_sets = _label_sets(kept, specs, settings.min_images_per_label)
+        label_sets = _label_sets(kept, specs, min_images_per_label or settings.min_images_per_label)
         _assign_holdout(kept, next(iter(label_sets)), holdout, seed)
         _commit(settings, name=name, source=source, in_place=in_place, kept=kept,
                 label_sets=label_sets, specs=specs, staging=staging)

@@ -1,0 +1,152 @@
+"""The job queue with the real worker process: claiming, failure, cancel, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.jobs import PRIORITY_INTERACTIVE, enqueue, request_cancel
+from app.models import Dataset, Image, Job
+from worker import queue
+from tests.conftest import label_files, write_zip
+
+
+def add_job(settings, kind="ingest", priority=0, **params):
+    with session_scope(settings) as session:
+        return enqueue(session, kind=kind, params=params, priority=priority).id
+
+
+def job(settings, job_id) -> Job:
+    with session_scope(settings) as session:
+        return session.get(Job, job_id)
+
+
+def start_worker(settings, *extra):
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(settings.home_dir),
+                             "--poll", "0.2", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_until(predicate, timeout=120, step=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+def test_claim_is_atomic_under_concurrency(settings):
+    ids = [add_job(settings, source="x", name=f"n{i}") for i in range(30)]
+    claimed: list[int] = []
+
+    def claimer(worker):
+        while (job_id := queue.claim_next(settings, worker_id=worker, lease_seconds=60)) is not None:
+            claimed.append(job_id)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == ids
+
+
+def test_interactive_jobs_are_claimed_first(settings):
+    batch = add_job(settings, source="x", name="batch")
+    click = add_job(settings, source="x", name="click", priority=PRIORITY_INTERACTIVE)
+    assert queue.claim_next(settings, worker_id="w", lease_seconds=60) == click
+    assert queue.claim_next(settings, worker_id="w", lease_seconds=60) == batch
+
+
+def test_expired_lease_is_claimable_and_exhausted_jobs_fail(settings):
+    job_id = add_job(settings, source="x", name="n")
+    with session_scope(settings) as session:
+        session.get(Job, job_id).max_attempts = 2
+    assert queue.claim_next(settings, worker_id="dead1", lease_seconds=0.01) == job_id
+    time.sleep(0.05)
+    assert queue.claim_next(settings, worker_id="dead2", lease_seconds=0.01) == job_id
+    time.sleep(0.05)
+    assert queue.claim_next(settings, worker_id="w3", lease_seconds=60) is None
+    assert job(settings, job_id).status == "failed"
+    assert "stopped responding" in job(settings, job_id).error
+
+
+def test_two_worker_processes_never_run_the_same_job(settings, tmp_path):
+    ids = []
+    for i in range(6):
+        archive = write_zip(tmp_path / f"{i}.zip", label_files({"a": 3, "b": 3}, start=10 * i))
+        ids.append(add_job(settings, source=str(archive), name=f"set{i}", min_images_per_label=3))
+    workers = [start_worker(settings, "--exit-when-idle", "--worker-id", f"w{i}") for i in range(2)]
+    for w in workers:
+        assert w.wait(timeout=120) == 0, w.stderr.read()
+    jobs = [job(settings, i) for i in ids]
+    assert all(j.status == "succeeded" and j.attempts == 1 for j in jobs)
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == 6
+
+
+def test_failed_job_keeps_its_error(settings, tmp_path):
+    files = label_files({"a": 3, "b": 3})
+    files["a/bad.png"] = b"nope"
+    job_id = add_job(settings, source=str(write_zip(tmp_path / "bad.zip", files)), name="bad",
+                     min_images_per_label=3)
+    assert start_worker(settings, "--exit-when-idle").wait(timeout=120) == 0
+    failed = job(settings, job_id)
+    assert failed.status == "failed" and failed.attempts == 1  # a bad file is not retried
+    assert failed.error == "IngestError: a/bad.png: not an image file (Pillow cannot identify it)"
+
+
+def test_cancel_queued_and_running(settings):
+    queued = add_job(settings, source="builtin:animals", name="never")
+    with session_scope(settings) as session:
+        assert request_cancel(session, queued).status == "cancelled"
+    running = add_job(settings, source="builtin:animals", name="animals")
+    worker = start_worker(settings, "--lease", "1")
+    try:
+        wait_until(lambda: (job(settings, running).progress_done or 0) > 200)
+        with session_scope(settings) as session:
+            request_cancel(session, running)
+        wait_until(lambda: job(settings, running).status == "cancelled", timeout=60)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 0
+    assert job(settings, queued).status == "cancelled"
+
+
+def test_killed_worker_job_is_resumed_not_lost_or_doubled(settings):
+    job_id = add_job(settings, source="builtin:animals", name="animals", limit_per_label=300)
+    first = start_worker(settings, "--lease", "2")
+    wait_until(lambda: (job(settings, job_id).progress_done or 0) > 800)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    time.sleep(2.5)  # the dead worker's lease runs out
+    second = start_worker(settings, "--lease", "2", "--exit-when-idle")
+    assert second.wait(timeout=300) == 0, second.stderr.read()
+    resumed = job(settings, job_id)
+    assert resumed.status == "succeeded" and resumed.attempts == 2
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Image)) == 2974  # as an uninterrupted run
+    assert not any((settings.staging_dir).rglob("*.png"))
+
+
+def test_cli_queue_and_wait(settings, tmp_path):
+    archive = write_zip(tmp_path / "w.zip", label_files({"a": 5, "b": 5}))
+    worker = start_worker(settings)
+    try:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(archive), "--name", "w",
+                               "--wait", "--json", "--home", str(settings.home_dir)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["dataset"] == "w" and result["images"] == 10 and result["job"] == 1

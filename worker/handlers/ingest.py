@@ -1,0 +1,23 @@
+"""Large uploads are ingested by the worker, so the web process stays responsive."""
+from __future__ import annotations
+
+from app.ingest import ingest_dataset
+from app.services.datasets import dataset_by_name
+from worker.context import JobContext
+
+
+def run_ingest(context: JobContext) -> dict:
+    params = dict(context.params)
+    existing = dataset_by_name(context.settings, params["name"])
+    if existing is not None and existing["source"] == params["source"]:
+        # A previous attempt committed and then lost its worker: the ingest is done.
+        return {"dataset": existing["name"], "images": existing["images"], "resumed": True}
+    # An ingest is all-or-nothing, so it is not preempted halfway.
+    context.preemptible = False
+    def progress(done: int, total: int) -> None:
+        context.check()  # a cancel stops here; the ingest then removes what it staged
+        context.progress(done, total, stage="ingest")
+
+    report = ingest_dataset(context.settings, **params, progress=progress,
+                            staging_key=f"job-{context.job_id}")
+    return report.as_json()
