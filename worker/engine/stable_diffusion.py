@@ -35,7 +35,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -277,21 +277,25 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, labels: list[str], *,
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, labels: list[str],
                         prompt_template: str = PromptTemplates.DEFAULT.template,
-                        null_prompt: str = PromptTemplates.DEFAULT.null_prompt, label_join: str = ", ",
-                        lora_rank: int | None = None, lora_alpha: float | None = None,
+                        null_prompt: str = PromptTemplates.DEFAULT.null_prompt,
+                        lora_rank: int | None = None, text_encoder_path: str | os.PathLike | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                        label_join: str = ", ", lora_alpha: float | None = None,
                         lora_target_modules: Iterable[str] = DEFAULT_LORA_TARGETS,
-                        text_encoder_path: str | os.PathLike | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         frozen_dtype: torch.dtype | None = None, variant: str | None = None,
                         ) -> "StableDiffusionDenoiser":
         """A denoiser from a diffusers SD 1.x/2.x folder (or hub id where the hub is reachable).
 
-        `dtype` is the UNet's; `frozen_dtype` (default: `dtype`) the VAE's and text encoder's, e.g.
-        float32 UNet with float16 frozen parts as in the reference's mixed-precision training.
+        `labels`: label names in condition-index order. `lora_rank`: None = full UNet fine-tune, else
+        peft LoRA of that rank (alpha `lora_alpha`, default = rank) on `lora_target_modules`.
         `text_encoder_path`: a separate CLIP text model (a folder with config.json + weights + tokenizer
-        files, an SD-style folder with text_encoder/ and tokenizer/, or a hub id), replacing the SD one.
+        files, an SD-style folder with text_encoder/ and tokenizer/, or a hub id) replacing the SD one.
+        `dtype` is the UNet's; `frozen_dtype` (default: `dtype`) the VAE's and text encoder's, e.g. a
+        float32 UNet with float16 frozen parts as in the reference's mixed-precision training.
+        `variant`: diffusers weight variant ("fp16") of the unet/ and vae/ files.
+        Returned in eval mode; `train()` switches only the UNet to training mode.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -315,7 +319,7 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
                     labels=labels, prompt_template=prompt_template, null_prompt=null_prompt,
                     label_join=label_join, lora_rank=lora_rank, lora_alpha=lora_alpha,
                     lora_target_modules=lora_target_modules, base_model=source, text_encoder_source=te_source)
-        return model.to(device)
+        return model.to(device).eval()
 
     # --- conditions -> prompts -> text embeddings ---------------------------------------------
     def _check_conditions(self, conditions: torch.Tensor, batch: int | None = None) -> torch.Tensor:
@@ -370,6 +374,7 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
         return self.encode_prompts(self.prompts(conditions)).to(device=unet_param.device, dtype=unet_param.dtype)
 
     def text_cache_info(self) -> dict[str, int]:
+        """size: cached prompts; hits: prompts served from the cache; misses: prompts encoded."""
         return dict(size=len(self._text_cache), hits=self._cache_hits, misses=self._cache_misses)
 
     def clear_text_cache(self) -> None:
@@ -571,8 +576,9 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              frozen_dtype: torch.dtype | None = None, base_model: str | os.PathLike | None = None,
              ) -> "StableDiffusionDenoiser":
-        """Load what `save` wrote. For a LoRA folder without unet/, the base UNet comes from
-        `base_model` if given, else from diffmine.json's "base_model"."""
+        """Load what `save` wrote, in eval mode. For a LoRA folder the base UNet comes from
+        `base_model` if given, else from the folder's unet/ if saved with include_base_unet, else from
+        diffmine.json's "base_model" (an explicit error when none is available)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from safetensors import safe_open
 
@@ -610,7 +616,8 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
                     null_prompt=config["null_prompt"], label_join=config.get("label_join", ", "),
                     lora_rank=lora_rank, lora_alpha=config.get("lora_alpha"),
                     lora_target_modules=config.get("lora_target_modules") or DEFAULT_LORA_TARGETS,
-                    base_model=config.get("base_model") if lora_rank is not None else config.get("base_model"),
+                    # LoRA: the UNet actually used as base, so a re-save references something loadable
+                    base_model=unet_source if lora_rank is not None else config.get("base_model"),
                     text_encoder_source=config.get("text_encoder_source"))
         if lora_rank is not None:
             from peft.utils import set_peft_model_state_dict
@@ -628,4 +635,4 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
                 raise ValueError(f"LoRA weights not loaded: {unexpected[:3]}")
             for name, param in model.unet.named_parameters():
                 param.requires_grad_("lora_" in name)
-        return model.to(device)
+        return model.to(device).eval()
