@@ -88,6 +88,72 @@ def wait_for_job(settings: Settings, job_id: int, *, json_mode: bool) -> dict:
     return dict(result or {}, job=job_id)
 
 
+def run_job(args, settings: Settings, job_id: int, description: str) -> dict:
+    """Follow a job created by a command: return its id (--queue), wait for the worker (--wait),
+    or run it here in the foreground (the default), with the same code the worker runs."""
+    if args.queue:
+        if not args.json:
+            print(f"Queued job {job_id} ({description}); follow it with: diffmine jobs")
+        return {"job": job_id}
+    if args.wait:
+        return wait_for_job(settings, job_id, json_mode=args.json)
+    from worker import queue
+    from worker.runner import Worker
+
+    worker = Worker(settings, worker_id=f"cli:{os.getpid()}")
+    if not queue.claim_job(settings, job_id=job_id, worker_id=worker.worker_id,
+                           lease_seconds=worker.lease_seconds):
+        raise CommandError(f"job {job_id} was taken by a worker; follow it with: diffmine jobs")
+    # In the foreground nothing else shares this process, so the job never yields.
+    worker.run_claimed(job_id, on_progress=progress_bar(description, args.json), preemptible=False)
+    return wait_for_job(settings, job_id, json_mode=True)
+
+
+def create_rows(settings: Settings, launch) -> int:
+    """Run `launch(session)` (which creates rows and a job) and return the job id."""
+    from app.db import session_scope, upgrade
+    from app.services.runs import NotFound
+
+    upgrade(settings)
+    try:
+        with session_scope(settings) as session:
+            return launch(session)
+    except (NotFound, ValueError) as error:
+        raise CommandError(str(error)) from error
+
+
+@command("train")
+def cmd_train(args, settings: Settings) -> dict:
+    from app.services.runs import launch_train
+
+    if args.base and args.backend == "pixel" and not os.path.isdir(args.base):
+        raise CommandError(f"--base {args.base}: no such model folder")
+    job_id = create_rows(settings, lambda session: launch_train(
+        session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
+        seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
+        batch_size=args.batch_size)[1].id)
+    result = run_job(args, settings, job_id, "train")
+    if not args.json and "model" in result:
+        accuracy = result.get("classifier_accuracy")
+        print(f"Trained model {result['model']}: {result['steps']} steps, final loss "
+              f"{result['final_loss']:.4f}"
+              + (f", holdout classifier accuracy {accuracy:.1%}" if accuracy is not None else ""))
+    return result
+
+
+@command("score")
+def cmd_score(args, settings: Settings) -> dict:
+    from app.services.runs import launch_score
+
+    job_id = create_rows(settings, lambda session: launch_score(
+        session, model_id=args.model, preset=args.preset, draws=args.draws,
+        all_labels=args.all_labels, seed=args.seed)[1].id)
+    result = run_job(args, settings, job_id, "score")
+    if not args.json and "run" in result:
+        print(f"Scored {result['images']} images: run {result['run']}")
+    return result
+
+
 @command("ingest")
 def cmd_ingest(args, settings: Settings) -> dict:
     from app.ingest import ingest_dataset
@@ -228,6 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_flags(ingest)
 
     sub.add_parser("datasets", parents=[common], help="list datasets, label sets and counts")
+
+    train = sub.add_parser("train", parents=[common], help="train a conditional denoiser")
+    train.add_argument("dataset", help="dataset name or id")
+    train.add_argument("--label-set", help="which label set (default: the only one)")
+    train.add_argument("--backend", choices=("pixel", "stable-diffusion"), default="pixel")
+    train.add_argument("--base", help="weights to start from: a model folder (or SD folder/hub id)")
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--seed", type=int, default=0)
+    add_queue_flags(train)
+
+    score = sub.add_parser("score", parents=[common], help="typicality of every image")
+    score.add_argument("model", type=int, help="model id")
+    score.add_argument("--preset", choices=("paper", "fast"), default="paper")
+    score.add_argument("--draws", type=int, help="override the preset's number of draws")
+    score.add_argument("--all-labels", action="store_true",
+                       help="also score every image under every label (diffusion classifier)")
+    score.add_argument("--seed", type=int, default=0)
+    add_queue_flags(score)
 
     worker = sub.add_parser("worker", parents=[common], help="run the job worker until stopped")
     worker.add_argument("--worker-id")

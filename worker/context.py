@@ -43,6 +43,8 @@ class JobContext:
     #: models kept loaded between jobs, keyed by model id
     models: dict = field(default_factory=dict)
     preemptible: bool = True
+    #: also told of every progress update (the CLI draws a progress bar with it)
+    on_progress: object = None
 
     def __post_init__(self):
         self._cancel = self._preempt = self._lost = False
@@ -86,6 +88,8 @@ class JobContext:
     def progress(self, done: float, total: float | None, message: str | None = None, *,
                  stage: str | None = None, force: bool = False) -> None:
         now = time.monotonic()
+        if self.on_progress is not None and total:
+            self.on_progress(done, total, message)
         if self._rate_start is None or done < self._rate_start[1]:
             self._rate_start = (now, done)
         # Throttled: one small write every half second is plenty for a progress bar.

@@ -97,3 +97,14 @@ def requeue(settings: Settings, *, job_id: int, worker_id: str, count_attempt: b
             values["attempts"] = Job.attempts - 1
         session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id)
                         .values(**values))
+
+
+def claim_job(settings: Settings, *, job_id: int, worker_id: str, lease_seconds: float) -> bool:
+    """Claim one specific queued job (the CLI runs its own job in the foreground)."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        return session.scalar(
+            update(Job).where(Job.id == job_id, Job.status == "queued")
+            .values(status="running", worker_id=worker_id, heartbeat_at=now, started_at=now,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    attempts=Job.attempts + 1).returning(Job.id)) is not None

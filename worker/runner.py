@@ -59,14 +59,18 @@ class Worker:
                                   lease_seconds=self.lease_seconds, kinds=self.kinds)
         if job_id is None:
             return False
+        self.run_claimed(job_id)
+        return True
+
+    def run_claimed(self, job_id: int, *, on_progress=None, preemptible: bool = True) -> None:
         with session_scope(self.settings) as session:
             job = session.get(Job, job_id)
             kind, params, priority = job.kind, dict(job.params), job.priority
         context = JobContext(settings=self.settings, job_id=job_id, kind=kind, params=params,
                              worker_id=self.worker_id, priority=priority,
-                             lease_seconds=self.lease_seconds, models=self.models)
+                             lease_seconds=self.lease_seconds, models=self.models,
+                             on_progress=on_progress, preemptible=preemptible)
         self._run(context)
-        return True
 
     def _run(self, context: JobContext) -> None:
         ids = dict(job_id=context.job_id, worker_id=self.worker_id)

@@ -7,6 +7,8 @@ from typing import Callable
 
 HANDLERS = {
     "ingest": "worker.handlers.ingest:run_ingest",
+    "train": "worker.handlers.train:run_train",
+    "score": "worker.handlers.score:run_score",
 }
 
 

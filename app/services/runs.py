@@ -1,0 +1,125 @@
+"""Models and mining runs as rows: creating them (before their job runs) and the queries the
+worker needs to feed the engine. Nothing here imports torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import (Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun,
+                        TrainedModel)
+from app.settings import Settings
+
+BACKENDS = ("pixel", "stable-diffusion")
+TRAIN_DEFAULTS = {"pixel": dict(resolution=32, steps=1500, batch_size=32, size="small"),
+                  "stable-diffusion": dict(resolution=512, steps=5000, batch_size=8)}
+
+
+class NotFound(LookupError):
+    pass
+
+
+def find_dataset(session: Session, ref: str | int) -> Dataset:
+    query = select(Dataset).where(Dataset.id == int(ref) if str(ref).isdigit() else Dataset.name == ref)
+    dataset = session.scalar(query)
+    if dataset is None:
+        raise NotFound(f"no dataset {ref!r} (see: diffmine datasets)")
+    return dataset
+
+
+def find_label_set(session: Session, dataset: Dataset, name: str | None) -> LabelSet:
+    sets = {s.name: s for s in dataset.label_sets}
+    if name is None and len(sets) == 1:
+        return next(iter(sets.values()))
+    if name not in sets:
+        raise NotFound(f"dataset {dataset.name!r} has no label set {name!r}; "
+                       f"choose one of {sorted(sets)}")
+    return sets[name]
+
+
+def create_model(session: Session, settings: Settings, *, dataset: Dataset, label_set: LabelSet,
+                 backend: str, config: dict) -> TrainedModel:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    config = {**TRAIN_DEFAULTS[backend], **{k: v for k, v in config.items() if v is not None}}
+    model = TrainedModel(dataset_id=dataset.id, label_set_id=label_set.id, backend=backend,
+                         config=config, weights_dir="", status="queued")
+    session.add(model)
+    session.flush()
+    model.weights_dir = f"models/{model.id}/weights"
+    return model
+
+
+def create_run(session: Session, *, model: TrainedModel, preset: str, params: dict) -> MiningRun:
+    run = MiningRun(model_id=model.id, preset=preset, params=params, status="queued")
+    session.add(run)
+    session.flush()
+    return run
+
+
+def labels_of(session: Session, label_set_id: int) -> list[Label]:
+    return list(session.scalars(select(Label).where(Label.label_set_id == label_set_id)
+                                .order_by(Label.position)))
+
+
+@dataclass
+class Example:
+    image_id: int
+    path: str
+    label_indices: list[int]
+
+
+def examples(session: Session, settings: Settings, *, label_set_id: int, split: str | None = None,
+             after_id: int = 0, limit: int | None = None) -> list[Example]:
+    """Images with their label indices in one label set, in image-id order. `after_id` and
+    `limit` read a dataset shard by shard, never all of it at once."""
+    labels = labels_of(session, label_set_id)
+    index = {label.id: i for i, label in enumerate(labels)}
+    ids = (select(ImageLabel.image_id).join(Image, Image.id == ImageLabel.image_id)
+           .where(ImageLabel.label_id.in_(index), ImageLabel.image_id > after_id)
+           .group_by(ImageLabel.image_id).order_by(ImageLabel.image_id))
+    if split:
+        ids = ids.where(Image.split == split)
+    if limit is not None:
+        ids = ids.limit(limit)
+    rows = session.execute(
+        select(Image.id, Image.stored_path, ImageLabel.label_id)
+        .join(ImageLabel, ImageLabel.image_id == Image.id)
+        .where(Image.id.in_(ids.scalar_subquery()), ImageLabel.label_id.in_(index))
+        .order_by(Image.id, ImageLabel.label_id))
+    grouped: dict[int, Example] = {}
+    for image_id, stored, label_id in rows:
+        example = grouped.setdefault(image_id, Example(image_id, str(settings.home_dir / stored), []))
+        example.label_indices.append(index[label_id])
+    return list(grouped.values())
+
+
+# --- launching work: rows first, then the job that fills them --------------------------------
+def launch_train(session: Session, settings: Settings, *, dataset: str | int, label_set: str | None,
+                 backend: str = "pixel", seed: int = 0, **config) -> tuple[TrainedModel, Job]:
+    from app.jobs import enqueue
+
+    ds = find_dataset(session, dataset)
+    ls = find_label_set(session, ds, label_set)
+    model = create_model(session, settings, dataset=ds, label_set=ls, backend=backend,
+                         config=dict(config, seed=seed))
+    job = enqueue(session, kind="train", params={"model_id": model.id})
+    return model, job
+
+
+def launch_score(session: Session, *, model_id: int, preset: str = "paper", draws: int | None = None,
+                 all_labels: bool = False, seed: int = 0, kind: str = "score",
+                 mine: dict | None = None) -> tuple[MiningRun, Job]:
+    from app.jobs import enqueue
+
+    model = session.get(TrainedModel, model_id)
+    if model is None:
+        raise NotFound(f"no model {model_id}")
+    if preset not in ("paper", "fast"):
+        raise ValueError(f"unknown preset {preset!r}; choose paper or fast")
+    params = {"preset": preset, "draws": draws, "all_labels": all_labels, "seed": seed,
+              "mine": mine or {}}
+    run = create_run(session, model=model, preset=preset, params=params)
+    job = enqueue(session, kind=kind, params={"run_id": run.id, "model_id": model.id})
+    return run, job
