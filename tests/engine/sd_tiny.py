@@ -39,7 +39,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level mapping: every byte to a printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):

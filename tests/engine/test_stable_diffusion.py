@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from worker.engine.stable_diffusion import (  # noqa: E402
-    LORA_FOLDER, LORA_WEIGHT_NAME, PromptStyle, PromptTemplates, StableDiffusionDenoiser, build_prompt,
+    LORA_FOLDER, LORA_WEIGHT_NAME, PromptTemplates, StableDiffusionDenoiser, build_prompt,
 )
 
 try:  # tests/engine on sys.path (rootdir-relative import) or the repo root (package import)

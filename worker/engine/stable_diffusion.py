@@ -269,6 +269,9 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
             self._unet.requires_grad_(False)
             self._unet.add_adapter(config)
             for name, param in self._unet.named_parameters():
+                if "lora_" in name:
+                    # trainable weights stay float32 under a half-precision base (diffusers' recipe)
+                    param.data = param.data.float()
                 param.requires_grad_("lora_" in name)
 
         self._text_cache: dict[str, torch.Tensor] = {}
