@@ -6,6 +6,11 @@ import torch
 
 from worker.engine.registry import create_pixel_denoiser
 
+# One intra-op thread: these tests run many small forward passes, which gain nothing from a
+# second thread, and on shared CI cores OpenMP threads spinning against other jobs can make a
+# forward pass 10x slower.
+torch.set_num_threads(1)
+
 LABELS = ["marked", "plain"]
 
 

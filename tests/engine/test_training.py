@@ -1,4 +1,5 @@
 """Training: the data order is a pure function of (seed, step), and a killed run resumes exactly."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -69,7 +70,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     script = KILLED_RUN.format(repo=str(REPO), tests=str(Path(__file__).parent),
                                images=str(tmp_path / "images"), checkpoints=str(checkpoints))
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -9, killed.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
 
