@@ -101,11 +101,13 @@ def run_job(args, settings: Settings, job_id: int, description: str) -> dict:
     from worker.runner import Worker
 
     worker = Worker(settings, worker_id=f"cli:{os.getpid()}")
-    if not queue.claim_job(settings, job_id=job_id, worker_id=worker.worker_id,
-                           lease_seconds=worker.lease_seconds):
-        raise CommandError(f"job {job_id} was taken by a worker; follow it with: diffmine jobs")
-    # In the foreground nothing else shares this process, so the job never yields.
-    worker.run_claimed(job_id, on_progress=progress_bar(description, args.json), preemptible=False)
+    bar = progress_bar(description, args.json)
+    # Claimed again after an error that can pass (the job went back to the queue), until
+    # it ends or runs out of attempts.
+    while queue.claim_job(settings, job_id=job_id, worker_id=worker.worker_id,
+                          lease_seconds=worker.lease_seconds):
+        # In the foreground nothing else shares this process, so the job never yields.
+        worker.run_claimed(job_id, on_progress=bar, preemptible=False)
     return wait_for_job(settings, job_id, json_mode=True)
 
 
@@ -151,6 +153,39 @@ def cmd_score(args, settings: Settings) -> dict:
     result = run_job(args, settings, job_id, "score")
     if not args.json and "run" in result:
         print(f"Scored {result['images']} images: run {result['run']}")
+    return result
+
+
+@command("mine")
+def cmd_mine(args, settings: Settings) -> dict:
+    from app.services.runs import launch_mine
+
+    job_id = create_rows(settings, lambda session: launch_mine(
+        session, run_id=args.run, mine=mine_options(args)).id)
+    result = run_job(args, settings, job_id, "mine")
+    if not args.json and "patches" in result:
+        print(f"Run {result['run']}: {result['patches']} patches in {result['clusters']} clusters")
+    return result
+
+
+def mine_options(args) -> dict:
+    return {"patch_size": args.patch_size, "per_label": args.per_label, "clusters": args.clusters,
+            "per_image": args.per_image}
+
+
+@command("run")
+def cmd_run(args, settings: Settings) -> dict:
+    from app.services.runs import launch_pipeline
+
+    job_id = create_rows(settings, lambda session: launch_pipeline(
+        session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
+        seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
+        batch_size=args.batch_size, preset=args.preset, draws=args.draws,
+        all_labels=args.all_labels, mine=mine_options(args))[2].id)
+    result = run_job(args, settings, job_id, "train, score, mine")
+    if not args.json and "run" in result:
+        print(f"Model {result['model']}, run {result['run']}: {result.get('patches')} patches in "
+              f"{result.get('clusters')} clusters. See them with: diffmine serve")
     return result
 
 
@@ -315,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     add_queue_flags(score)
 
+    mine = sub.add_parser("mine", parents=[common], help="patches, features and clusters of a run")
+    mine.add_argument("run", type=int, help="run id (from diffmine score)")
+    add_mine_flags(mine)
+    add_queue_flags(mine)
+
+    run = sub.add_parser("run", parents=[common], help="train, score and mine in one go")
+    run.add_argument("dataset")
+    for action in train._actions + score._actions:
+        if action.dest not in ("help", "home", "json", "dataset", "model", "queue", "wait",
+                               "seed") and not any(a.dest == action.dest for a in run._actions):
+            run._add_action(action)
+    run.add_argument("--seed", type=int, default=0)
+    add_mine_flags(run)
+    add_queue_flags(run)
+
     worker = sub.add_parser("worker", parents=[common], help="run the job worker until stopped")
     worker.add_argument("--worker-id")
     worker.add_argument("--lease", type=float, default=30.0, help="seconds a job's lease lasts")
@@ -335,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             cmd.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def add_mine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patch-size", type=int, help="box side in model pixels (default: scaled "
+                                                        "from the paper's 50 px at 256 px)")
+    parser.add_argument("--per-label", type=int, help="patches kept per label (paper: 1000)")
+    parser.add_argument("--per-image", type=int, help="boxes per image (paper: 5)")
+    parser.add_argument("--clusters", type=int, help="k-means clusters per label (paper: 32)")
 
 
 def add_queue_flags(parser: argparse.ArgumentParser) -> None:

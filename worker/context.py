@@ -63,9 +63,12 @@ class JobContext:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
-            ours, cancel, waiting = queue.renew_lease(self.settings, job_id=self.job_id,
-                                                      worker_id=self.worker_id,
-                                                      lease_seconds=self.lease_seconds)
+            try:
+                ours, cancel, waiting = queue.renew_lease(self.settings, job_id=self.job_id,
+                                                          worker_id=self.worker_id,
+                                                          lease_seconds=self.lease_seconds)
+            except Exception:  # noqa: BLE001 - a busy database: try again at the next beat
+                continue
             self._lost, self._cancel, self._preempt = not ours, cancel, waiting
 
     # --- for handlers -------------------------------------------------------------------------

@@ -72,6 +72,11 @@ class Worker:
                              on_progress=on_progress, preemptible=preemptible)
         self._run(context)
 
+    def _attempts_left(self, job_id: int) -> bool:
+        with session_scope(self.settings) as session:
+            job = session.get(Job, job_id)
+            return job.attempts < job.max_attempts
+
     def _run(self, context: JobContext) -> None:
         ids = dict(job_id=context.job_id, worker_id=self.worker_id)
         context.start()
@@ -87,7 +92,7 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - a job's failure must not kill the worker
             message = f"{type(error).__name__}: {error}"
             context.log(*traceback.format_exc().splitlines()[-15:])
-            if is_transient(error):
+            if is_transient(error) and self._attempts_left(context.job_id):
                 queue.requeue(self.settings, count_attempt=True, error=message, **ids)
             else:
                 queue.finish(self.settings, status="failed", error=message, **ids)

@@ -123,3 +123,34 @@ def launch_score(session: Session, *, model_id: int, preset: str = "paper", draw
     run = create_run(session, model=model, preset=preset, params=params)
     job = enqueue(session, kind=kind, params={"run_id": run.id, "model_id": model.id})
     return run, job
+
+
+def launch_mine(session: Session, *, run_id: int, mine: dict) -> Job:
+    from app.jobs import enqueue
+
+    run = session.get(MiningRun, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    if "score" not in (run.stages_done or []):
+        raise ValueError(f"run {run_id} is not scored yet (status {run.status})")
+    # New mining parameters redo the mining stages, never the scoring.
+    run.params = {**run.params, "mine": {k: v for k, v in mine.items() if v is not None}}
+    run.stages_done = [s for s in run.stages_done if s == "score"]
+    return enqueue(session, kind="mine", params={"run_id": run.id})
+
+
+def launch_pipeline(session: Session, settings: Settings, *, dataset: str | int,
+                    label_set: str | None, backend: str = "pixel", seed: int = 0,
+                    preset: str = "paper", draws: int | None = None, all_labels: bool = False,
+                    mine: dict | None = None, **train_config) -> tuple[TrainedModel, MiningRun, Job]:
+    from app.jobs import enqueue
+
+    model, train_job = launch_train(session, settings, dataset=dataset, label_set=label_set,
+                                    backend=backend, seed=seed, **train_config)
+    session.delete(train_job)  # the pipeline job runs the training itself
+    run, score_job = launch_score(session, model_id=model.id, preset=preset, draws=draws,
+                                  all_labels=all_labels, seed=seed,
+                                  mine={k: v for k, v in (mine or {}).items() if v is not None})
+    session.delete(score_job)
+    job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id})
+    return model, run, job

@@ -9,6 +9,8 @@ HANDLERS = {
     "ingest": "worker.handlers.ingest:run_ingest",
     "train": "worker.handlers.train:run_train",
     "score": "worker.handlers.score:run_score",
+    "mine": "worker.handlers.mine:run_mine",
+    "pipeline": "worker.handlers.pipeline:run_pipeline",
 }
 
 

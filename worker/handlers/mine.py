@@ -1,0 +1,294 @@
+"""Mine a scored run: typical patches, DIFT features in FAISS, clusters, gallery crops.
+
+Each stage writes its results whole (rows replaced in one transaction, files renamed into
+place) and is recorded in `MiningRun.stages_done`, so a resumed job starts at the first stage
+not done; the features stage also resumes batch by batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import delete, insert, select, update
+
+from app.db import session_scope
+from app.models import Cluster, ClusterMember, Image, LabelSet, MiningRun, Patch, TrainedModel
+from app.services.runs import labels_of
+from worker.context import JobContext
+from worker.handlers.models import load_trained
+
+STAGES = ("patches", "features", "clusters", "crops")
+FEATURE_BATCH = 16
+CROP_PX = 96
+
+
+class RunInfo:
+    """What every stage needs to know about the run, read once."""
+
+    def __init__(self, context: JobContext, run_id: int):
+        settings = context.settings
+        with session_scope(settings) as session:
+            run = session.get(MiningRun, run_id)
+            model = session.get(TrainedModel, run.model_id)
+            label_set = session.get(LabelSet, model.label_set_id)
+            self.labels = [(l.id, l.name) for l in labels_of(session, model.label_set_id)]
+            self.ordinal = label_set.kind == "ordinal"
+            self.params = dict(run.params)
+            self.stages_done = set(run.stages_done or [])
+            self.model_id, self.weights = model.id, settings.home_dir / model.weights_dir
+            self.resolution = int(model.config["resolution"])
+        self.run_id = run_id
+        self.dir = settings.runs_dir / str(run_id)
+        mine = self.params.get("mine") or {}
+        from worker.engine.patches import PER_IMAGE, PER_LABEL, default_patch_size
+
+        self.patch_size = int(mine.get("patch_size") or default_patch_size(self.resolution))
+        self.per_label = int(mine.get("per_label") or PER_LABEL)
+        self.per_image = int(mine.get("per_image") or PER_IMAGE)
+        self.clusters = int(mine.get("clusters") or 32)
+        self.seed = int(self.params.get("seed", 0))
+
+
+def run_mine(context: JobContext) -> dict:
+    info = RunInfo(context, context.params["run_id"])
+    if "score" not in info.stages_done:
+        raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
+    stage_functions = {"patches": mine_patches, "features": mine_features,
+                       "clusters": mine_clusters, "crops": mine_crops}
+    for stage in STAGES:
+        if stage in info.stages_done:
+            continue
+        set_run_status(context, info.run_id, "mining")
+        stage_functions[stage](context, info)
+        mark_stage_done(context, info.run_id, stage)
+        info.stages_done.add(stage)
+        context.check()
+    with session_scope(context.settings) as session:
+        run = session.get(MiningRun, info.run_id)
+        run.status = "ready"
+        patches = session.query(Patch).filter(Patch.run_id == info.run_id).count()
+        clusters = session.query(Cluster).filter(Cluster.run_id == info.run_id).count()
+    return {"run": info.run_id, "patches": patches, "clusters": clusters}
+
+
+def set_run_status(context, run_id: int, status: str) -> None:
+    with session_scope(context.settings) as session:
+        session.get(MiningRun, run_id).status = status
+
+
+def mark_stage_done(context, run_id: int, stage: str) -> None:
+    with session_scope(context.settings) as session:
+        run = session.get(MiningRun, run_id)
+        run.stages_done = sorted(set(run.stages_done or []) | {stage})
+
+
+# --- patches -----------------------------------------------------------------------------------
+def map_shards(info: RunInfo, suffix: str = ".npz") -> list[Path]:
+    return sorted(p for p in (info.dir / "maps").glob(f"shard-*{suffix}")
+                  if suffix != ".npz" or not p.name.endswith(".all.npz"))
+
+
+def mine_patches(context: JobContext, info: RunInfo) -> None:
+    """Top boxes of every image's map, then the best `per_label` of each label."""
+    import torch
+
+    from worker.engine.patches import box_to_original, patch_scores, top_boxes, top_per_label
+
+    shards = map_shards(info)
+
+    def candidates():
+        for number, shard in enumerate(shards, 1):
+            with np.load(shard) as data:
+                keys = list(data.files)
+                maps = torch.from_numpy(np.stack([data[k] for k in keys]).astype(np.float32))
+            scores = patch_scores(maps, info.resolution, info.patch_size)
+            for key, boxes in zip(keys, top_boxes(scores, info.patch_size, info.per_image)):
+                image_id, label_id = map(int, key.split("_"))
+                for box in boxes:
+                    yield label_id, box.score, (image_id, tuple(box[:4]))
+            context.progress(number, len(shards), "best boxes per image", stage="patches")
+            context.check()
+
+    best = top_per_label(candidates(), info.per_label)
+    image_ids = sorted({image_id for kept in best.values() for _, (image_id, _) in kept})
+    with session_scope(context.settings) as session:
+        sizes = dict(((i, (w, h)) for i, w, h in session.execute(
+            select(Image.id, Image.width, Image.height).where(Image.id.in_(image_ids)))))
+        session.execute(delete(Patch).where(Patch.run_id == info.run_id))
+        rows = []
+        for label_id, kept in best.items():
+            for score, (image_id, box) in kept:
+                x0, y0, x1, y1 = box_to_original(box, info.resolution, sizes[image_id])
+                rows.append(dict(run_id=info.run_id, image_id=image_id, label_id=label_id,
+                                 x0=math.floor(x0), y0=math.floor(y0), x1=math.ceil(x1),
+                                 y1=math.ceil(y1), score=score))
+        if rows:
+            session.execute(insert(Patch), rows)
+
+
+# --- features ----------------------------------------------------------------------------------
+def patch_groups(context, info: RunInfo) -> list[tuple[int, int, list[tuple[int, tuple]]]]:
+    """(image, label, [(patch id, original box)]) in image order: DIFT runs once per group."""
+    with session_scope(context.settings) as session:
+        rows = session.execute(select(Patch.image_id, Patch.label_id, Patch.id, Patch.x0, Patch.y0,
+                                      Patch.x1, Patch.y1).where(Patch.run_id == info.run_id)
+                               .order_by(Patch.image_id, Patch.label_id, Patch.id)).all()
+    groups: dict[tuple[int, int], list] = defaultdict(list)
+    for image_id, label_id, patch_id, *box in rows:
+        groups[(image_id, label_id)].append((patch_id, tuple(box)))
+    return [(image_id, label_id, members) for (image_id, label_id), members in groups.items()]
+
+
+def mine_features(context: JobContext, info: RunInfo) -> None:
+    """DIFT features, one feature map per (image, label), every patch cropped from it."""
+    import torch
+
+    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.dift import patch_features
+    from worker.engine.patches import box_to_model
+
+    denoiser = load_trained(context, info.model_id, info.weights)
+    label_index = {label_id: i for i, (label_id, _) in enumerate(info.labels)}
+    groups = patch_groups(context, info)
+    parts_dir = info.dir / "features"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope(context.settings) as session:
+        images = {i: (str(context.settings.home_dir / p), (w, h)) for i, p, w, h in session.execute(
+            select(Image.id, Image.stored_path, Image.width, Image.height)
+            .where(Image.id.in_({g[0] for g in groups})))}
+    parts = []
+    for start in range(0, len(groups), FEATURE_BATCH):
+        batch = groups[start:start + FEATURE_BATCH]
+        part = parts_dir / f"part-{start:09d}.npz"
+        parts.append(part)
+        if not part.exists():
+            dataset = ImageDataset([images[g[0]][0] for g in batch],
+                                   multi_hot([label_index[g[1]] for g in batch], len(info.labels)),
+                                   resolution=info.resolution, train=False)
+            pixels = torch.stack([dataset[i][0] for i in range(len(batch))])
+            boxes = [[clip_box(box_to_model(box, info.resolution, images[image_id][1]), info.resolution)
+                      for _, box in members] for image_id, _, members in batch]
+            features = patch_features(denoiser, pixels, dataset.conditions, boxes,
+                                      seed=info.seed + start)
+            temporary = part.with_suffix(".tmp.npz")
+            np.savez(temporary, ids=np.array([pid for g in batch for pid, _ in g[2]]),
+                     features=torch.cat(features).cpu().numpy().astype(np.float32))
+            os.replace(temporary, part)
+        context.progress(min(start + FEATURE_BATCH, len(groups)), len(groups),
+                         "DIFT features", stage="features")
+        context.check()
+    write_index(context, info, parts)
+
+
+def clip_box(box, size: int) -> tuple[float, float, float, float]:
+    """Original-pixel boxes are rounded outward; clip them back inside the model's view."""
+    x0, y0, x1, y1 = box[:4]
+    return max(0.0, x0), max(0.0, y0), min(float(size), x1), min(float(size), y1)
+
+
+def write_index(context, info: RunInfo, parts: list[Path]) -> None:
+    """All features into one memory-mapped array and a FAISS index; rows linked to patches."""
+    from worker.engine.vector_index import build_index, save_index
+
+    if not parts:
+        return
+    total = dim = 0
+    for part in parts:
+        with np.load(part) as data:
+            total, dim = total + len(data["ids"]), data["features"].shape[1]
+    matrix = np.lib.format.open_memmap(info.dir / "features.npy", mode="w+", dtype=np.float32,
+                                       shape=(total, dim))
+    row, mapping = 0, []
+    for part in parts:
+        with np.load(part) as data:
+            matrix[row:row + len(data["ids"])] = data["features"]
+            mapping += [{"id": int(pid), "feature_row": row + i} for i, pid in enumerate(data["ids"])]
+            row += len(data["ids"])
+    matrix.flush()
+    index = build_index((matrix[i:i + 65536] for i in range(0, total, 65536)), dim,
+                        expected_rows=total)
+    save_index(index, info.dir / "index.faiss")
+    with session_scope(context.settings) as session:
+        session.execute(update(Patch), mapping)
+
+
+# --- clusters ----------------------------------------------------------------------------------
+def mine_clusters(context: JobContext, info: RunInfo) -> None:
+    """k-means per label; near-duplicate clusters merged; ranked by median typicality.
+
+    Everything is computed first and written in one short transaction at the end: a write
+    transaction held across the computation would block the job's own progress reports."""
+    features = np.load(info.dir / "features.npy", mmap_mode="r")
+    clusters = []
+    for number, (label_id, _) in enumerate(info.labels, 1):
+        with session_scope(context.settings) as session:
+            rows = session.execute(select(Patch.id, Patch.feature_row, Patch.score)
+                                   .where(Patch.run_id == info.run_id, Patch.label_id == label_id,
+                                          Patch.feature_row.is_not(None))
+                                   .order_by(Patch.id)).all()
+        if rows:
+            clusters += cluster_label(info, label_id, rows, features)
+        context.progress(number, len(info.labels), "clusters", stage="clusters")
+        context.check()
+    with session_scope(context.settings) as session:
+        session.execute(delete(Cluster).where(Cluster.run_id == info.run_id))
+        for cluster, members in clusters:
+            session.add(cluster)
+            session.flush()
+            session.execute(insert(ClusterMember), [dict(m, cluster_id=cluster.id) for m in members])
+
+
+def cluster_label(info: RunInfo, label_id: int, rows, features) -> list[tuple[Cluster, list[dict]]]:
+    from worker.engine.clustering import (cluster_features, coherence, distances_to_centroids,
+                                          merge_near_duplicates, order_clusters)
+
+    patch_ids = np.array([r[0] for r in rows])
+    label_features = np.asarray(features[[r[1] for r in rows]])
+    scores = np.array([r[2] for r in rows])
+    clustering = cluster_features(label_features, k=info.clusters, seed=info.seed)
+    centroids, assignments, _ = merge_near_duplicates(clustering.centroids, clustering.assignments)
+    distances = distances_to_centroids(label_features, centroids, assignments)
+    coherences = coherence(label_features, assignments)
+    out = []
+    for rank, ranked in enumerate(order_clusters(assignments, distances, scores)):
+        cluster = Cluster(run_id=info.run_id, label_id=label_id, rank=rank, size=len(ranked.members),
+                          median_typicality=ranked.median_typicality,
+                          coherence=float(coherences[ranked.cluster]))
+        members = [dict(patch_id=int(patch_ids[m]), position=p, distance=float(distances[m]))
+                   for p, m in enumerate(ranked.members)]
+        out.append((cluster, members))
+    return out
+
+
+# --- crops -------------------------------------------------------------------------------------
+def mine_crops(context: JobContext, info: RunInfo) -> None:
+    """Each patch's region cut from its original image once, for fast galleries."""
+    from PIL import Image as PILImage
+
+    from app.ingest.images import to_rgb
+
+    crops_dir = info.dir / "crops"
+    crops_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope(context.settings) as session:
+        rows = session.execute(select(Patch.id, Patch.x0, Patch.y0, Patch.x1, Patch.y1,
+                                      Image.stored_path).join(Image, Image.id == Patch.image_id)
+                               .where(Patch.run_id == info.run_id).order_by(Patch.image_id)).all()
+    updates, current, image = [], None, None
+    for number, (patch_id, x0, y0, x1, y1, stored) in enumerate(rows, 1):
+        if stored != current:
+            current = stored
+            image = to_rgb(PILImage.open(context.settings.home_dir / stored))
+        crop = image.crop((x0, y0, x1, y1))
+        if max(crop.size) > CROP_PX:
+            crop.thumbnail((CROP_PX, CROP_PX), PILImage.Resampling.LANCZOS)
+        relative = f"runs/{info.run_id}/crops/{patch_id}.png"
+        crop.save(context.settings.home_dir / relative)
+        updates.append({"id": patch_id, "crop_path": relative})
+        if number % 500 == 0:
+            context.progress(number, len(rows), "gallery crops", stage="crops")
+    with session_scope(context.settings) as session:
+        if updates:
+            session.execute(update(Patch), updates)
