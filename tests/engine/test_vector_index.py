@@ -98,7 +98,7 @@ def test_large_restricted_search_uses_faiss_selectors(indexes, rows, queries, ki
 
 
 def test_restricted_search_pads_when_fewer_rows_qualify(indexes):
-    scores, ids = search(indexes["flat"], unit_rows(1, seed=2), 5, allowed_ids=[3, 9])
+    scores, ids = search(indexes["flat"], unit_rows(1, seed=2), 5, allowed_ids=[3, 9, 9, 3])  # duplicates
     assert sorted(ids[0, :2].tolist()) == [3, 9] and ids[0, 2:].tolist() == [-1, -1, -1]
     assert np.isneginf(scores[0, 2:]).all()
     with pytest.raises(ValueError):

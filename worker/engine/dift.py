@@ -94,7 +94,7 @@ def crop_features(feature_map: torch.Tensor, boxes: Sequence[Sequence[float]],
     """
     if feature_map.ndim != 3:
         raise ValueError(f"feature_map must be one image's [C, h, w], got shape {tuple(feature_map.shape)}")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    height, width = (image_size, image_size) if isinstance(image_size, int) else map(int, image_size)
     channels, grid_h, grid_w = feature_map.shape
     rows = []
     for box in boxes:
