@@ -66,3 +66,18 @@ def snapshot(settings: Settings) -> tuple[dict, set]:
     files = {p.relative_to(settings.home_dir).as_posix() for p in settings.home_dir.rglob("*")
              if p.is_file() and not p.name.startswith("diffmine.sqlite")}
     return counts, files
+
+
+@pytest.fixture(scope="session")
+def mined_template(tmp_path_factory) -> Path:
+    from tests.mined import build_mined_home
+
+    return build_mined_home(tmp_path_factory.mktemp("mined") / "home")
+
+
+@pytest.fixture
+def mined_settings(mined_template, tmp_path) -> Settings:
+    """A data directory with one dataset, one trained model and one mined run (ids 1)."""
+    from tests.mined import copy_mined_home
+
+    return Settings(home=copy_mined_home(mined_template, tmp_path / "home"))
