@@ -100,3 +100,10 @@ def test_nothing_to_train_is_an_error():
     data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), multi_hot([0, 1], 2))
     with pytest.raises(ValueError, match="nothing to train"):
         train(model, data, steps=1, batch_size=2, seed=0)
+
+
+def test_precision_can_change_between_runs_in_one_process():
+    data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), multi_hot([0, 1], 2))
+    for precision in ("no", "bf16", "no"):
+        model = create_pixel_denoiser(LABELS, seed=0, size="tiny")
+        assert train(model, data, steps=1, batch_size=2, seed=0, mixed_precision=precision).steps == 1

@@ -130,11 +130,9 @@ def train(denoiser: ConditionalDenoiser, dataset: torch.utils.data.Dataset, *, s
     step; `final_loss` is the mean of the last `FINAL_LOSS_WINDOW` steps. The denoiser is left
     in eval mode.
     """
-    from accelerate import Accelerator  # imported here: scoring-only users need not have it
-
     if not 0.0 <= null_dropout <= 1.0:
         raise ValueError(f"null_dropout must be in [0, 1], got {null_dropout}")
-    accelerator = accelerator or Accelerator(mixed_precision=mixed_precision)
+    accelerator = accelerator or make_accelerator(mixed_precision)
     recipe = dict(seed=seed, batch_size=batch_size, lr=lr, betas=list(betas), weight_decay=weight_decay,
                   grad_clip=grad_clip, null_dropout=null_dropout, dataset_size=len(dataset))
     scheduler = denoiser.scheduler
@@ -190,6 +188,25 @@ def train(denoiser: ConditionalDenoiser, dataset: torch.utils.data.Dataset, *, s
     window = losses[-FINAL_LOSS_WINDOW:]
     return TrainResult(steps=len(losses), final_loss=float(np.mean(window)) if window else float("nan"),
                        losses=losses, resumed_from=start_step if latest is not None else None)
+
+
+def make_accelerator(mixed_precision: str = "no", **kwargs):
+    """An `accelerate.Accelerator`, even when an earlier one in this process used another precision.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with a different
+    `mixed_precision`; a worker that trains several models in a row needs exactly that. The
+    per-run part of the state is reset, never the distributed setup (`PartialState`).
+    """
+    from accelerate import Accelerator  # imported here: scoring-only users need not have it
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision, **kwargs)
+    except ValueError as error:
+        if "already been initialized" not in str(error):
+            raise
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 
 @contextmanager

@@ -44,6 +44,7 @@ class TypicalityResult:
     scores: torch.Tensor  # [B] image-level typicality (mean of the map)
     stderr: torch.Tensor  # [B] standard error of `scores` over the draws
     draws: torch.Tensor  # [B] draws used per image (fewer than the preset's if stopped early)
+    differences: torch.Tensor  # [B, N] image-level L_null - L_c per draw (zeros after a stop)
     keys: list | None = None  # passed through from the input batch
 
 
@@ -130,7 +131,8 @@ def typicality_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
             differences = per_draw[:, 0] - per_draw[:, 1]  # [B, N]: null minus label
             scores, stderr = _masked_mean_and_stderr(differences, used, preset)
             maps = (map_sums[:, 0] - map_sums[:, 1]) / used[:, None, None]
-            yield TypicalityResult(maps=maps, scores=scores, stderr=stderr, draws=used, keys=keys)
+            yield TypicalityResult(maps=maps, scores=scores, stderr=stderr, draws=used,
+                                   differences=differences, keys=keys)
 
 
 def label_scores(denoiser: ConditionalDenoiser, images: torch.Tensor, preset: TypicalityPreset = PAPER,

@@ -1,0 +1,271 @@
+"""Typicality engine benchmark: the paper preset against faster options, on one model, one run.
+
+    python bench/bench_typicality.py [--images 96] [--train-steps 400] [--out results.json]
+
+What it does, in order, all in one process so the ratios are comparable on a shared machine:
+1. A small pixel model (worker.engine.pixel "small", 32 px) trained briefly on Animal-MNIST
+   (10 animal classes, 28 px silhouettes padded to 32), or loaded from --model-dir if cached.
+2. The CPU's fp32 matmul peak (torch.matmul on large square matrices) and the denoiser's FLOPs
+   per image (torch.utils.flop_counter), then forward images/s over batch sizes and memory
+   formats: achieved FLOP/s and the share of the peak.
+3. Typicality of held-out images under their own label with the paper preset (seed 0, the
+   reference), the paper preset under seed 1 (the bar: how well the reference agrees with
+   itself) and faster options. For each: images/s and speed-up over the paper preset, Spearman
+   rho of the image ranking vs the reference, the share of images whose top k x k patch (the
+   argmax of the average-pooled map, k = 50/256 of the image side as in METHOD.md) is the same,
+   and the mean reported standard error.
+4. From the paper run's own draws, the variance that i.i.d., stratified and ideal importance-
+   sampled timesteps would leave: whether importance sampling is worth adding to stratification.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import math
+import pickle
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.engine.presets import FAST, PAPER, TypicalityPreset  # noqa: E402
+from worker.engine.registry import create_pixel_denoiser, load_denoiser  # noqa: E402
+from worker.engine.training import train  # noqa: E402
+from worker.engine.typicality import draw_timesteps_and_noise, typicality_stream  # noqa: E402
+
+ANIMALS = ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"]
+
+
+# --- data and model ------------------------------------------------------------------------------
+def animal_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """10000 images [N, 3, 32, 32] in [-1, 1] and labels [N], from the animal-mnist package."""
+    try:
+        import animal_mnist
+    except ImportError:
+        sys.exit("animal-mnist is not installed: pip install --no-deps animal-mnist")
+    folder = Path(animal_mnist.__file__).parent / "data" / "Animal_MNIST"
+    with gzip.open(folder / "animal_data_version_3.gz") as f:
+        pixels = torch.from_numpy(pickle.load(f)).float()
+    with gzip.open(folder / "animal_label_version_3.gz") as f:
+        labels = torch.from_numpy(pickle.load(f)).long()
+    images = F.pad(pixels / 127.5 - 1.0, (2, 2, 2, 2), value=-1.0)  # 28 -> 32, black border
+    return images[:, None].expand(-1, 3, -1, -1).contiguous(), labels
+
+
+def trained_model(images, labels, args):
+    folder = Path(args.model_dir) / f"animal-mnist-small-{args.train_steps}steps-seed{args.seed}"
+    if (folder / "diffmine.json").exists():
+        print(f"model: loaded from {folder}")
+        return load_denoiser(folder), None
+    model = create_pixel_denoiser(ANIMALS, resolution=32, seed=args.seed, size="small")
+    conditions = F.one_hot(labels, len(ANIMALS)).float()
+    dataset = torch.utils.data.TensorDataset(images, conditions)
+    start = time.perf_counter()
+
+    def progress(step, total, loss):
+        if step % 50 == 0 or step == total:
+            print(f"  train step {step}/{total} loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    # lr 1e-3: this model trains from scratch in minutes; 1e-4 is the recipe for fine-tuning.
+    result = train(model, dataset, steps=args.train_steps, batch_size=32, seed=args.seed, lr=1e-3,
+                   progress=progress)
+    seconds = time.perf_counter() - start
+    model.save(folder)
+    return model, {"steps": result.steps, "final_loss": result.final_loss, "seconds_per_step": seconds / result.steps}
+
+
+# --- compute ceilings -----------------------------------------------------------------------------
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)  # warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def flops_per_image(model) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, c = torch.randn(4, 3, 32, 32), torch.full((4,), 300), model.condition([0, 1, 2, 3])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.predict_noise(x, t, c)
+    return counter.get_total_flops() / 4
+
+
+def forward_images_per_second(model, batch: int, channels_last: bool, seconds: float = 3.0) -> float:
+    x = torch.randn(batch, 3, 32, 32)
+    t, c = torch.randint(100, 700, (batch,)), model.condition([i % model.num_labels for i in range(batch)])
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            model.predict_noise(x, t, c)  # warm up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                model.predict_noise(x, t, c)
+                done += batch
+            return done / (time.perf_counter() - start)
+    finally:
+        model.unet.to(memory_format=torch.contiguous_format)
+
+
+# --- agreement -----------------------------------------------------------------------------------
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks_a, ranks_b = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ranks_a, ranks_b]))[0, 1])
+
+
+def top_patches(maps: torch.Tensor, patch: int) -> torch.Tensor:
+    """Flat index of each map's best patch: k x k average pool, stride 1, no padding (METHOD.md 3)."""
+    return F.avg_pool2d(maps[:, None], patch, stride=1).flatten(1).argmax(dim=1)
+
+
+def score(model, images, conditions, preset: TypicalityPreset, seed: int, batch: int) -> dict:
+    batches = [(images[i:i + batch], conditions[i:i + batch]) for i in range(0, len(images), batch)]
+    start = time.perf_counter()
+    results = list(typicality_stream(model, batches, preset, seed=seed))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "images_per_s": len(images) / seconds,
+            "scores": torch.cat([r.scores for r in results]), "maps": torch.cat([r.maps for r in results]),
+            "stderr": torch.cat([r.stderr for r in results]), "draws": torch.cat([r.draws for r in results]).float(),
+            "differences": torch.cat([r.differences for r in results])}
+
+
+def timestep_variance_study(differences: torch.Tensor, timesteps: torch.Tensor, preset, bins: int = 12) -> dict:
+    """Per-image variance of the mean over N draws under three timestep schemes, from paper draws.
+
+    iid: total variance / N. stratified: mean within-slice variance / N. Importance sampling with
+    the ideal density q(t) ~ sigma(t) (Neyman allocation) leaves (mean sigma)^2 / N. Ratios > 1
+    say how much each scheme gains over the previous one.
+    """
+    edges = torch.linspace(preset.t_min, preset.t_max, bins + 1)
+    slot = torch.bucketize(timesteps.float(), edges[1:-1], right=True)
+    within, sigma = [], []
+    for b in range(bins):
+        d = differences[:, slot == b]
+        var = d.var(dim=1)  # per image
+        within.append(var)
+        sigma.append(var.sqrt())
+    within, sigma = torch.stack(within, dim=1), torch.stack(sigma, dim=1)  # [images, bins]
+    total = differences.var(dim=1)
+    stratified = within.mean(dim=1)
+    neyman = sigma.mean(dim=1) ** 2
+    return {"stratified_gain_over_iid": float((total / stratified).median()),
+            "importance_gain_over_stratified": float((stratified / neyman).median()),
+            "sigma_by_t_bin": [float(s) for s in sigma.mean(dim=0)]}
+
+
+# --- main ----------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=96, help="held-out images to score")
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--model-dir", default="/tmp/diffmine-bench")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--score-batch", type=int, default=16, help="images per typicality batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the numbers as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+                    f"{args.threads} torch threads, torch {torch.__version__}", "command": " ".join(sys.argv)}
+
+    images, labels = animal_mnist()
+    held_out = torch.arange(len(images) - args.images, len(images))  # training never sees the tail
+    model, report["training"] = trained_model(images[: -args.images], labels[: -args.images], args)
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e6:.2f} M parameters")
+
+    peak = matmul_peak_flops()
+    per_image = flops_per_image(model)
+    sweep = []
+    for channels_last in (False, True):
+        for batch in (32, 64, 128, 256):
+            rate = forward_images_per_second(model, batch, channels_last)
+            sweep.append({"batch": batch, "channels_last": channels_last, "images_per_s": rate,
+                          "gflops": rate * per_image / 1e9, "share_of_peak": rate * per_image / peak})
+    best = max(sweep, key=lambda row: row["images_per_s"])
+    report["compute"] = {"matmul_peak_gflops": peak / 1e9, "gflop_per_image": per_image / 1e9,
+                         "parameters": params, "forward": sweep, "best": best}
+
+    test_images, test_conditions = images[held_out], F.one_hot(labels[held_out], len(ANIMALS)).float()
+    tuned = dict(forward_batch=best["batch"], channels_last=best["channels_last"])
+    reference_preset = PAPER.with_(**tuned)
+    options = [
+        ("paper, other seed (the bar)", reference_preset, args.seed + 1),
+        ("iid 32 draws", PAPER.with_(name="iid-32", draws=32, **tuned), args.seed),
+        ("stratified 32 draws", FAST.with_(name="strat-32", draws=32, **tuned), args.seed),
+        ("stratified 24 draws", FAST.with_(name="strat-24", draws=24, **tuned), args.seed),
+        ("stratified 16 draws", FAST.with_(name="strat-16", draws=16, **tuned), args.seed),
+    ]
+    print(f"scoring {len(test_images)} images: paper preset (reference) ...", flush=True)
+    reference = score(model, test_images, test_conditions, reference_preset, args.seed, args.score_batch)
+    patch = max(2, round(32 * 50 / 256))
+    rows = [("paper (reference)", reference_preset, reference)]
+    for name, preset, seed in options:
+        print(f"  {name} ...", flush=True)
+        rows.append((name, preset, score(model, test_images, test_conditions, preset, seed, args.score_batch)))
+    # Early stopping: rounds of 8 stratified draws up to 48, stopping at the precision that
+    # 32 stratified draws reach on a median image.
+    target = float(next(r for n, p, r in rows if p.name == "strat-32")["stderr"].median())
+    stop = FAST.with_(name="early-stop", draws=48, round_size=8, target_stderr=target, **tuned)
+    print("  early stopping ...", flush=True)
+    rows.append((f"early stop: stratified rounds of 8, <= 48 draws, stderr <= {target:.2g}", stop,
+                 score(model, test_images, test_conditions, stop, args.seed, args.score_batch)))
+
+    table = []
+    reference_top = top_patches(reference["maps"], patch)
+    for name, preset, result in rows:
+        table.append({"option": name, "preset": preset.name, "images_per_s": result["images_per_s"],
+                      "speedup": result["images_per_s"] / reference["images_per_s"],
+                      "mean_draws": float(result["draws"].mean()),
+                      "spearman_vs_paper": spearman(result["scores"], reference["scores"]),
+                      "same_top_patch": float((top_patches(result["maps"], patch) == reference_top).float().mean()),
+                      "mean_stderr": float(result["stderr"].mean())})
+    report["typicality"] = {"images": len(test_images), "patch_px": patch, "rows": table}
+    timesteps, _ = draw_timesteps_and_noise(reference_preset, args.seed, (3, 32, 32))
+    report["timestep_study"] = timestep_variance_study(reference["differences"], timesteps, reference_preset)
+    print_markdown(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+def print_markdown(report: dict) -> None:
+    compute = report["compute"]
+    print(f"\n{report['date']} - {report['machine']}")
+    if report.get("training"):
+        t = report["training"]
+        print(f"training: {t['steps']} steps, {t['seconds_per_step']:.2f} s/step at batch 32, final loss {t['final_loss']:.4f}")
+    print(f"fp32 matmul peak {compute['matmul_peak_gflops']:.1f} GFLOP/s; denoiser {compute['gflop_per_image'] * 1e3:.1f} "
+          f"MFLOP per image, {compute['parameters'] / 1e6:.2f} M parameters\n")
+    print("| batch | channels_last | forward images/s | GFLOP/s | share of matmul peak |")
+    print("|---:|---|---:|---:|---:|")
+    for row in compute["forward"]:
+        print(f"| {row['batch']} | {row['channels_last']} | {row['images_per_s']:.0f} | {row['gflops']:.1f} | {row['share_of_peak']:.0%} |")
+    typ = report["typicality"]
+    print(f"\nTypicality of {typ['images']} held-out images under their own label; top patch {typ['patch_px']} px\n")
+    print("| option | images/s | speed-up | draws | Spearman rho vs paper | same top patch | mean stderr |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in typ["rows"]:
+        print(f"| {row['option']} | {row['images_per_s']:.2f} | {row['speedup']:.1f}x | {row['mean_draws']:.0f} | "
+              f"{row['spearman_vs_paper']:.3f} | {row['same_top_patch']:.0%} | {row['mean_stderr']:.2e} |")
+    study = report["timestep_study"]
+    print(f"\nTimestep schemes (median over images, from the paper run's draws): stratified over iid "
+          f"{study['stratified_gain_over_iid']:.2f}x less variance; ideal importance sampling over "
+          f"stratified {study['importance_gain_over_stratified']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
