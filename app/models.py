@@ -77,7 +77,7 @@ class Image(Base):
     height: Mapped[int] = mapped_column(Integer)
     split: Mapped[str] = mapped_column(String(10), default="train")  # train | holdout
     # Region annotations from a manifest, e.g. {"boxes": [[x0, y0, x1, y1, "label"], ...]}.
-    extra: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    extra: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class ImageLabel(Base):
@@ -136,7 +136,9 @@ class ImageScore(Base):
 class Patch(Base):
     __tablename__ = "patches"
     __table_args__ = (Index("ix_patches_run_label_score", "run_id", "label_id", "score"),
-                      Index("ix_patches_image", "image_id"))
+                      Index("ix_patches_image", "image_id"),
+                      # "More like this": FAISS answers feature rows, looked up per run.
+                      Index("ix_patches_run_feature", "run_id", "feature_row"))
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"))
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
@@ -169,7 +171,9 @@ class Cluster(Base):
 
 class ClusterMember(Base):
     __tablename__ = "cluster_members"
-    __table_args__ = (Index("ix_cluster_members_order", "cluster_id", "position"),)
+    __table_args__ = (Index("ix_cluster_members_order", "cluster_id", "position"),
+                      # Which clusters a patch belongs to (the patch page).
+                      Index("ix_cluster_members_patch", "patch_id"))
     cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id", ondelete="CASCADE"),
                                             primary_key=True)
     patch_id: Mapped[int] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"),
