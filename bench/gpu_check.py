@@ -34,9 +34,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ACCELERATE_NAMES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def missing_modules() -> list[str]:
+def missing_modules(names=("torch", "diffusers", "safetensors", "numpy")) -> list[str]:
     missing = []
-    for name in ("torch", "diffusers", "safetensors", "numpy", "accelerate"):
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError:
@@ -63,14 +63,16 @@ def pixel_model(args, device):
     import torch
 
     from worker.engine.registry import create_pixel_denoiser
-    from worker.engine.training import train
 
     model = create_pixel_denoiser(["marked", "plain"], resolution=32, seed=0,
                                   size="tiny" if args.quick else "small").to(device)
     images, conditions = planted_blobs(512, 32)
     data = torch.utils.data.TensorDataset(images, conditions)
     train_batch = 8 if args.quick else 128
-    train(model, data, steps=args.pretrain_steps, batch_size=train_batch, seed=0, lr=1e-3)
+    if args.can_train:  # else typicality runs on the untrained model
+        from worker.engine.training import make_accelerator, train
+        train(model, data, steps=args.pretrain_steps, batch_size=train_batch, seed=0, lr=1e-3,
+              accelerator=make_accelerator("no", cpu=args.cpu))
     test_images, test_conditions = planted_blobs(args.images, 32, seed=1)
     return model, data, test_images, test_conditions, train_batch
 
@@ -179,13 +181,17 @@ def check_backend(name: str, build, args, device) -> list[dict]:
     model, data, images, conditions, train_batch = build(args, device)
     print(f"{name}: built in {time.perf_counter() - start:.0f} s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
-    preset = PAPER.with_(draws=args.draws, forward_batch=args.forward_batch)
+    # SD's attention at 32x32 latents is heavy: smaller forward batches keep fp32 memory sane.
+    forward_batch = args.forward_batch if name == "pixel" else min(args.forward_batch, 64)
+    preset = PAPER.with_(draws=args.draws, forward_batch=forward_batch)
     rows, reference = [], None
     for precision in PRECISIONS:
         row = {"backend": name, "precision": precision}
         try:
-            row["train_s_per_step"] = time_training(model, data, precision, train_batch, args.train_steps, args.cpu)
-            row["train_batch"] = train_batch
+            if args.can_train:
+                row["train_s_per_step"] = time_training(model, data, precision, train_batch, args.train_steps,
+                                                        args.cpu)
+                row["train_batch"] = train_batch
             seconds, results = time_typicality(model, images, conditions, precision, preset, args.score_batch)
             row["typicality_images_per_s"] = len(images) / seconds
             row["draws"] = preset.draws
@@ -212,7 +218,8 @@ def print_table(rows: list[dict], environment: str) -> None:
         if "error" in r:
             print(f"| {r['backend']} | {r['precision']} | error: {r['error']} | | | | | |")
             continue
-        print(f"| {r['backend']} | {r['precision']} | {r['train_s_per_step']:.4f} ({r['train_batch']}) | "
+        train = f"{r['train_s_per_step']:.4f} ({r['train_batch']})" if "train_s_per_step" in r else "not run"
+        print(f"| {r['backend']} | {r['precision']} | {train} | "
               f"{r['typicality_images_per_s']:.2f} ({r['draws']}) | {r['max_score_error_in_stderr']:.3f} | "
               f"{r['score_spearman']:.3f} | {r['min_map_correlation']:.4f} | {'yes' if r['agrees'] else 'NO'} |")
     print("\nagrees: every score within 0.5 standard error of fp32 and every map correlated >= 0.99. "
@@ -232,6 +239,10 @@ def main() -> int:
         print(f"MISSING python packages: {', '.join(missing)} - install them (pip install {' '.join(missing)}) "
               "and rerun; nothing was measured.")
         return 2
+    args.can_train = not missing_modules(("accelerate",))
+    if not args.can_train:
+        print("MISSING python package accelerate (pip install accelerate): training steps are NOT timed, "
+              "typicality still is")
     import diffusers
     import torch
 
