@@ -170,7 +170,7 @@ def cmd_mine(args, settings: Settings) -> dict:
 
 def mine_options(args) -> dict:
     return {"patch_size": args.patch_size, "per_label": args.per_label, "clusters": args.clusters,
-            "per_image": args.per_image}
+            "per_image": args.per_image, "selection": args.selection}
 
 
 @command("run")
@@ -189,6 +189,135 @@ def cmd_run(args, settings: Settings) -> dict:
     return result
 
 
+@command("evaluate")
+def cmd_evaluate(args, settings: Settings) -> dict:
+    from app.jobs import enqueue
+    from app.models import MiningRun
+
+    def launch(session):
+        if session.get(MiningRun, args.run) is None:
+            raise CommandError(f"no run {args.run}")
+        return enqueue(session, kind="evaluate", params={
+            "run_id": args.run, "draws": args.draws, "max_images": args.max_images}).id
+
+    result = run_job(args, settings, create_rows(settings, launch), "evaluate")
+    if not args.json and "classifier_accuracy" in result:
+        print(f"Holdout diffusion classifier: {result['classifier_accuracy']:.1%} on "
+              f"{result['classifier_images']} images (chance {result['chance']:.1%})")
+        if "box_auc_pr" in result:
+            print(f"Typicality map vs boxes: AUC-PR {result['box_auc_pr']:.3f} "
+                  f"(positive rate {result['box_positive_rate']:.3f})")
+        for label, overlap in result.get("mark_overlap", {}).items():
+            top = overlap["top_cluster"]
+            print(f"Planted mark in {label!r}: top cluster {top:.0%} on the mark, "
+                  f"all patches {overlap['all_patches']:.0%}" if top is not None else
+                  f"Planted mark in {label!r}: all patches {overlap['all_patches']:.0%}")
+    return result
+
+
+@command("export")
+def cmd_export(args, settings: Settings) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from app.services.export import export_run
+
+    if not args.output:
+        export_run(settings, run_id=args.run, format=args.format, out=sys.stdout)
+        return None
+    target = Path(args.output)
+    # Written beside the target and renamed at the end: a failed export leaves no file.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent or ".",
+                                     suffix=".partial", delete=False) as out:
+        try:
+            export_run(settings, run_id=args.run, format=args.format, out=out)
+        except BaseException:
+            os.unlink(out.name)
+            raise
+    os.chmod(out.name, 0o644)
+    os.replace(out.name, target)
+    if not args.json:
+        print(f"Wrote the {args.format} export of run {args.run} to {target}", file=sys.stderr)
+    return None
+
+
+@command("translate")
+def cmd_translate(args, settings: Settings) -> dict:
+    """A patch or an image region into every label (interactive job), or with --parallel N the
+    consistent-change analysis of N sampled images (worker/handlers/translate.py, parallel.py)."""
+    from app.models import MiningRun, TrainedModel, Translation
+    from app.services.runs import labels_of
+    from worker.handlers.translate import canonical_params
+
+    try:
+        params = canonical_params({"preset": args.preset, "invert_steps": args.invert_steps,
+                                   "sample_steps": args.sample_steps, "guidance": args.guidance,
+                                   "seed": args.seed, "sdedit_strength": args.sdedit,
+                                   "context": args.context})
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    if args.parallel is not None:
+        if args.run is None:
+            raise CommandError("--parallel needs --run RUN")
+        from app.services.translation_jobs import launch_parallel
+
+        job_id = create_rows(settings, lambda session: launch_parallel(
+            session, run_id=args.run, images=args.parallel, params=params, clusters=args.clusters).id)
+        result = run_job(args, settings, job_id, "parallel dataset")
+        if not args.json and "summary" in result:
+            print(f"Parallel set of {result['images']} images x {len(result['labels'])} labels: "
+                  f"{result['patches']} patches in {result['clusters']} clusters ({result['summary']})")
+        return result
+    if args.patch is None and (args.run is None or args.image is None):
+        raise CommandError("give --patch ID, or --run RUN --image IMAGE_ID [--box x0,y0,x1,y1]")
+    box = None
+    if args.box:
+        try:
+            box = [int(float(v)) for v in args.box.split(",")]
+            assert len(box) == 4
+        except (ValueError, AssertionError) as error:
+            raise CommandError(f"--box wants x0,y0,x1,y1 in original pixels, got {args.box!r}") from error
+
+    def launch(session):
+        if args.patch is not None:
+            from app.services.translations import request_translation
+
+            row, job = request_translation(session, patch_id=args.patch, params=params)
+        else:
+            from app.services.translation_jobs import request_region_translation
+
+            run = session.get(MiningRun, args.run)
+            if run is None:
+                raise CommandError(f"no run {args.run}")
+            row, job = request_region_translation(session, model_id=run.model_id, image_id=args.image,
+                                                  box=box, params=params)
+        model = session.get(TrainedModel, row.model_id)
+        return row.id, job, [label.name for label in labels_of(session, model.label_set_id)]
+
+    translation_id, job_id, labels = create_rows(settings, launch)
+    cached = job_id is None
+    if job_id is not None:
+        outcome = run_job(args, settings, job_id, "translate")
+        if args.queue:
+            return {"translation": translation_id, **outcome, "labels": labels}
+    from app.db import session_scope
+
+    with session_scope(settings) as session:
+        row = session.get(Translation, translation_id)
+        results, result_dir, status = list(row.results or []), row.result_dir, row.status
+    errors = [r["reconstruction_error"] for r in results if r.get("reconstruction_error") is not None]
+    result = {"translation": translation_id, "status": status, "cached": cached,
+              "labels": [r["label"] for r in results], "result_dir": result_dir, "results": results,
+              "reconstruction_error": errors[0] if errors else None}
+    if not args.json:
+        print(f"Translation {translation_id}{' (cached)' if cached else ''}: {result_dir}"
+              + (f", reconstruction RMSE {errors[0]:.3f}" if errors else ""))
+        for r in results:
+            print(f"  {r['label']:<20} typicality {r['typicality']:+.4f} (source {r['source_typicality']:+.4f})"
+                  f"{'  [source label]' if r['is_source'] else ''}  {r['crop']}")
+    return result
+
+
 @command("ingest")
 def cmd_ingest(args, settings: Settings) -> dict:
     from app.ingest import ingest_dataset
@@ -197,7 +326,8 @@ def cmd_ingest(args, settings: Settings) -> dict:
                   path_column=args.path_column, label_columns=args.label_column or [],
                   bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
                   in_place=args.in_place, seed=args.seed, limit_per_label=args.limit_per_label,
-                  min_images_per_label=args.min_per_label)
+                  min_images_per_label=args.min_per_label, plant_mark=args.plant_mark,
+                  plant_fraction=args.plant_fraction, plant_size=args.plant_size)
     queued = queue_or_wait(args, settings, "ingest", params)
     if queued is not None and "dataset" not in queued:
         return queued
@@ -295,7 +425,8 @@ def cmd_demo(args, settings: Settings) -> None:
     args.source, args.name = "builtin:twemoji", "twemoji"
     for attr, value in dict(manifest=None, path_column=None, label_column=None, bin=None,
                             multi_sep="|", holdout=0.1, in_place=False, queue=False,
-                            wait=False, limit_per_label=None, min_per_label=None).items():
+                            wait=False, limit_per_label=None, min_per_label=None, plant_mark=None,
+                            plant_fraction=0.5, plant_size=0.3).items():
         setattr(args, attr, getattr(args, attr, value))
     if dataset_by_name(settings, "twemoji") is None:
         cmd_ingest(args, settings)
@@ -326,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--limit-per-label", type=int, help="builtin datasets: sample this many per label")
 
     ingest.add_argument("--min-per-label", type=int, help="fewest images a label may have")
+    ingest.add_argument("--plant-mark", metavar="LABEL",
+                        help="paint a known mark into some of LABEL's images (a ground truth "
+                             "for `diffmine evaluate`)")
+    ingest.add_argument("--plant-fraction", type=float, default=0.5)
+    ingest.add_argument("--plant-size", type=float, default=0.3, help="mark side / image side")
     add_queue_flags(ingest)
 
     sub.add_parser("datasets", parents=[common], help="list datasets, label sets and counts")
@@ -366,6 +502,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_mine_flags(run)
     add_queue_flags(run)
 
+    evaluate = sub.add_parser("evaluate", parents=[common],
+                              help="holdout classifier accuracy, box and planted-mark metrics")
+    evaluate.add_argument("run", type=int)
+    evaluate.add_argument("--draws", type=int, help="draws per label for the classifier (default 16)")
+    evaluate.add_argument("--max-images", type=int, help="holdout images used (default 1000)")
+    add_queue_flags(evaluate)
+
+    export = sub.add_parser("export", parents=[common], help="a run's results as JSON, CSV or HTML")
+    export.add_argument("run", type=int)
+    export.add_argument("--format", choices=("json", "csv", "html"), default="json")
+    export.add_argument("-o", "--output", help="file to write (default: stdout)")
+
+    translate = sub.add_parser("translate", parents=[common],
+                               help="a patch or image region under every label; --parallel N: consistent changes")
+    translate.add_argument("--patch", type=int, help="a mined patch id")
+    translate.add_argument("--run", type=int, help="a run id (with --image, or --parallel)")
+    translate.add_argument("--image", type=int, help="an image id of the run's dataset")
+    translate.add_argument("--box", help="x0,y0,x1,y1 in original pixels (default: the whole image)")
+    translate.add_argument("--preset", choices=("fast", "reference"), default="fast",
+                           help="fast: 50 inversion / 25 sampling steps; reference: 999 / 50 (the paper)")
+    translate.add_argument("--invert-steps", type=int)
+    translate.add_argument("--sample-steps", type=int)
+    translate.add_argument("--guidance", type=float, help="classifier-free guidance (both presets: 7.5)")
+    translate.add_argument("--sdedit", type=float, help="SDEdit strength in (0, 1] instead of inversion")
+    translate.add_argument("--context", type=float, help="translate a square window this many box sides wide")
+    translate.add_argument("--seed", type=int, default=0)
+    translate.add_argument("--parallel", type=int, metavar="N", help="translate N sampled images of --run "
+                           "into every label and mine consistent changes")
+    translate.add_argument("--clusters", type=int, help="with --parallel: k-means clusters")
+    add_queue_flags(translate)
+
     worker = sub.add_parser("worker", parents=[common], help="run the job worker until stopped")
     worker.add_argument("--worker-id")
     worker.add_argument("--lease", type=float, default=30.0, help="seconds a job's lease lasts")
@@ -394,6 +561,8 @@ def add_mine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-label", type=int, help="patches kept per label (paper: 1000)")
     parser.add_argument("--per-image", type=int, help="boxes per image (paper: 5)")
     parser.add_argument("--clusters", type=int, help="k-means clusters per label (paper: 32)")
+    parser.add_argument("--selection", choices=("typical", "least", "random"),
+                        help="which patches: the most typical (the method), or a baseline")
 
 
 def add_queue_flags(parser: argparse.ArgumentParser) -> None:
@@ -418,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
         from app.ingest import IngestError
 
-        known = isinstance(exc, (IngestError, CommandError, FileNotFoundError))
+        known = isinstance(exc, (IngestError, CommandError, FileNotFoundError, LookupError))
         reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
         print(f"diffmine {args.command}: {reason}".replace("\n", " "), file=sys.stderr)
         if os.environ.get("DIFFMINE_TRACEBACK"):

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Job, utcnow
 
-KINDS = ("ingest", "train", "score", "mine", "evaluate", "translate", "export", "pipeline")
+KINDS = ("ingest", "train", "score", "mine", "evaluate", "translate", "parallel", "export", "pipeline")
 ACTIVE = ("queued", "running")
 #: Interactive work (a clicked translation) runs before batch work.
 PRIORITY_INTERACTIVE = 10

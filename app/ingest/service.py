@@ -19,6 +19,7 @@ from app.ingest.entries import Entry, LabelSetSpec
 from app.ingest.errors import IngestError
 from app.ingest.images import check_image, content_path, thumb_suffix, write_thumbnail
 from app.ingest.manifest import ManifestOptions
+from app.ingest.plant import Mark, plant_marks
 from app.ingest.sources import ZipLimits, open_source
 from app.models import Dataset, Image, ImageLabel, Label, LabelSet
 from app.settings import Settings
@@ -57,6 +58,8 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
                    bin_years: int | None = None, multi_sep: str = "|", holdout: float = 0.1,
                    in_place: bool = False, seed: int = 0, limit_per_label: int | None = None,
                    min_images_per_label: int | None = None, staging_key: str | None = None,
+                   plant_mark: str | None = None, plant_fraction: float = 0.5,
+                   plant_size: float = 0.3,
                    progress: Progress | None = None) -> IngestReport:
     name = _check_name(name)
     if not 0 <= holdout < 1:
@@ -76,6 +79,8 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
                            settings.max_zip_ratio)
         entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
                                             options=options, limits=limits, in_place=in_place)
+    if plant_mark:
+        entries = plant_marks(entries, Mark(plant_mark, plant_fraction, plant_size, seed))
     # A job passes its own key, so a retry after a killed worker clears the dead attempt's files.
     staging = settings.staging_dir / (staging_key or uuid.uuid4().hex)
     shutil.rmtree(staging, ignore_errors=True)

@@ -2,24 +2,55 @@
 imports torch or runs a model."""
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.settings import REPO_ROOT, Settings
+from app.web.deps import templates, wants_json
 from app.web.files import ImmutableFiles
 from app.web.json_twin import JsonTwinMiddleware
-from app.web.views import datasets
+from app.web.security import SecurityMiddleware
+from app.web.views import auth, clusters, datasets, images, jobs, patches, runs, uploads
+
+DESCRIPTION = """Mine what is visually typical of each label of an image dataset.
+
+Every page is also JSON: the same URL with `.json` appended (`/runs/1/labels/3.json`), or
+`Accept: application/json`. With an access token set (DIFFMINE_TOKEN), send
+`Authorization: Bearer TOKEN`."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="diffmine", version="0.1.0")
+    app = FastAPI(title="diffmine", version="0.1.0", description=DESCRIPTION,
+                  docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     app.state.settings = settings
+    app.state.sync_ingest_bytes = uploads.SYNC_INGEST_BYTES
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
-    # Content-addressed files (images, thumbnails, crops) never change under a name.
+    # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
+    # under a name.
     settings.home_dir.mkdir(parents=True, exist_ok=True)
-    app.mount("/files", ImmutableFiles(directory=settings.home_dir, allowed=("images", "thumbs")),
-              name="files")
-    app.include_router(datasets.router)
+    app.mount("/files", ImmutableFiles(directory=settings.home_dir,
+                                       allowed=("images", "thumbs", "runs")), name="files")
+    for module in (datasets, uploads, jobs, runs, clusters, images, patches, auth):
+        app.include_router(module.router)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(JsonTwinMiddleware)
+    app.add_middleware(SecurityMiddleware, settings=settings)  # outermost: before anything
     return app
+
+
+async def http_error(request: Request, exc: StarletteHTTPException):
+    """Errors as a page with a way on (or JSON for the JSON twin and API clients)."""
+    headers = getattr(exc, "headers", None)
+    html = "text/html" in request.headers.get("accept", "") and not wants_json(request)
+    if not html or request.url.path.startswith(("/files/", "/static/")):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    return templates.TemplateResponse(request, "error.html",
+                                      {"data": {"detail": exc.detail, "status": exc.status_code}},
+                                      status_code=exc.status_code, headers=headers)
+
+
+__all__ = ["create_app", "RequestValidationError"]

@@ -5,6 +5,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Scope
 
+#: Under runs/ only pictures are served (crops, heatmaps, translations), never maps or indexes.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
 
 class ImmutableFiles(StaticFiles):
     def __init__(self, *, directory, allowed: tuple[str, ...]):
@@ -13,7 +16,8 @@ class ImmutableFiles(StaticFiles):
 
     async def get_response(self, path: str, scope: Scope):
         # The database and staging area sit in the same folder: never serve them.
-        if path.split("/", 1)[0] not in self.allowed:
+        top = path.split("/", 1)[0]
+        if top not in self.allowed or (top == "runs" and not path.lower().endswith(IMAGE_SUFFIXES)):
             raise HTTPException(status_code=404)
         response = await super().get_response(path, scope)
         if response.status_code == 200:

@@ -11,6 +11,9 @@ HANDLERS = {
     "score": "worker.handlers.score:run_score",
     "mine": "worker.handlers.mine:run_mine",
     "pipeline": "worker.handlers.pipeline:run_pipeline",
+    "evaluate": "worker.handlers.evaluate:run_evaluate",
+    "translate": "worker.handlers.translate:run_translate",
+    "parallel": "worker.handlers.parallel:run_parallel",
 }
 
 

@@ -40,3 +40,107 @@ def holdout_accuracy(context: JobContext, denoiser, *, label_set_id: int, draws:
 
 def denoiser_resolution(denoiser) -> int:
     return int(getattr(denoiser, "resolution", 512))
+
+
+def run_evaluate(context: JobContext) -> dict:
+    """Holdout diffusion-classifier accuracy, AUC-PR of typicality maps against annotated boxes,
+    and how much of each label's top cluster lies on a planted mark."""
+    from app.models import MiningRun, TrainedModel
+    from worker.handlers.models import load_trained
+
+    run_id = context.params["run_id"]
+    with session_scope(context.settings) as session:
+        run = session.get(MiningRun, run_id)
+        model = session.get(TrainedModel, run.model_id)
+        label_set_id, weights, model_id = model.label_set_id, model.weights_dir, model.id
+        resolution, seed = int(model.config["resolution"]), int(run.params.get("seed", 0))
+    denoiser = load_trained(context, model_id, context.settings.home_dir / weights)
+    result = holdout_accuracy(context, denoiser, label_set_id=label_set_id,
+                              draws=context.params.get("draws") or 16,
+                              max_images=context.params.get("max_images") or 1000, seed=seed)
+    result.update(box_metrics(context, run_id, label_set_id, resolution))
+    result.update(mark_overlap(context, run_id))
+    with session_scope(context.settings) as session:
+        run = session.get(MiningRun, run_id)
+        run.params = {**run.params, "evaluation": result}
+    return {"run": run_id, **result}
+
+
+def box_metrics(context: JobContext, run_id: int, label_set_id: int, resolution: int) -> dict:
+    """AUC-PR of the per-pixel typicality map against region boxes (the paper's X-ray metric).
+
+    A box labeled with one of the label set's names is scored against that label's map; an
+    unnamed box or a planted "mark" against the image's own label's map."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+    from sqlalchemy import select
+
+    from app.models import Image, ImageScore, Label
+    from worker.engine.patches import box_to_model
+
+    with session_scope(context.settings) as session:
+        names = dict(session.execute(select(Label.name, Label.id).where(Label.label_set_id == label_set_id)).all())
+        rows = session.execute(
+            select(Image.width, Image.height, Image.extra, ImageScore.label_id, ImageScore.map_path)
+            .join(ImageScore, ImageScore.image_id == Image.id)
+            .where(ImageScore.run_id == run_id, Image.extra.is_not(None),
+                   ImageScore.map_path.is_not(None))).all()
+    truths, scores = [], []
+    for width, height, extra, label_id, map_path in rows:
+        boxes = [b for b in (extra or {}).get("boxes", [])
+                 if names.get(b[4] if len(b) > 4 else None, label_id) == label_id]
+        if not boxes:
+            continue
+        heat = upsampled_map(context.settings, map_path, resolution)
+        mask = np.zeros_like(heat, dtype=bool)
+        for box in boxes:
+            x0, y0, x1, y1 = (int(round(v)) for v in box_to_model(box[:4], resolution, (width, height)))
+            mask[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
+        truths.append(mask.ravel())
+        scores.append(heat.ravel())
+    if not truths or not np.concatenate(truths).any():
+        return {}
+    truth, score = np.concatenate(truths), np.concatenate(scores)
+    return {"box_auc_pr": float(average_precision_score(truth, score)),
+            "box_positive_rate": float(truth.mean()), "box_images": len(truths)}
+
+
+def upsampled_map(settings, map_path: str, resolution: int):
+    import numpy as np
+    from PIL import Image as PILImage
+
+    file, key = map_path.rsplit(":", 1)
+    with np.load(settings.home_dir / file) as data:
+        small = data[key].astype(np.float32)
+    return np.asarray(PILImage.fromarray(small, mode="F").resize((resolution, resolution),
+                                                                 PILImage.Resampling.BILINEAR))
+
+
+def mark_overlap(context: JobContext, run_id: int) -> dict:
+    """Per label with planted marks: the fraction of its top cluster's members (and of all its
+    mined patches) whose box overlaps a mark."""
+    from sqlalchemy import select
+
+    from app.models import Cluster, ClusterMember, Image, Label, Patch
+
+    with session_scope(context.settings) as session:
+        rows = session.execute(
+            select(Label.name, Patch.id, Patch.x0, Patch.y0, Patch.x1, Patch.y1, Image.extra)
+            .join(Patch, Patch.label_id == Label.id).join(Image, Image.id == Patch.image_id)
+            .where(Patch.run_id == run_id)).all()
+        top = set(session.scalars(
+            select(ClusterMember.patch_id).join(Cluster, Cluster.id == ClusterMember.cluster_id)
+            .where(Cluster.run_id == run_id, Cluster.rank == 0)))
+    per_label: dict[str, dict] = {}
+    for label, patch_id, x0, y0, x1, y1, extra in rows:
+        marks = [b for b in (extra or {}).get("boxes", []) if len(b) > 4 and b[4] == "mark"]
+        stats = per_label.setdefault(label, {"marked": False, "all": [0, 0], "top": [0, 0]})
+        stats["marked"] |= bool(marks)
+        hit = any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in marks)
+        for key in ("all",) + (("top",) if patch_id in top else ()):
+            stats[key][0] += hit
+            stats[key][1] += 1
+    overlap = {label: {"top_cluster": s["top"][0] / s["top"][1] if s["top"][1] else None,
+                       "all_patches": s["all"][0] / s["all"][1]}
+               for label, s in per_label.items() if s["marked"]}
+    return {"mark_overlap": overlap} if overlap else {}

@@ -1,13 +1,18 @@
 """Large uploads are ingested by the worker, so the web process stays responsive."""
 from __future__ import annotations
 
-from app.ingest import ingest_dataset
+import shutil
+from pathlib import Path
+
+from app.ingest import IngestError, ingest_dataset
 from app.services.datasets import dataset_by_name
 from worker.context import JobContext
 
 
 def run_ingest(context: JobContext) -> dict:
     params = dict(context.params)
+    # An upload from the web: its staged file is removed once the ingest is over for good.
+    remove_after = params.pop("remove_after", None)
     existing = dataset_by_name(context.settings, params["name"])
     if existing is not None and existing["source"] == params["source"]:
         # A previous attempt committed and then lost its worker: the ingest is done.
@@ -18,6 +23,16 @@ def run_ingest(context: JobContext) -> dict:
         context.check()  # a cancel stops here; the ingest then removes what it staged
         context.progress(done, total, stage="ingest")
 
-    report = ingest_dataset(context.settings, **params, progress=progress,
-                            staging_key=f"job-{context.job_id}")
+    try:
+        report = ingest_dataset(context.settings, **params, progress=progress,
+                                staging_key=f"job-{context.job_id}")
+    except IngestError:
+        _remove_upload(context, remove_after)  # bad input: a retry would fail the same way
+        raise
+    _remove_upload(context, remove_after)
     return report.as_json()
+
+
+def _remove_upload(context: JobContext, path: str | None) -> None:
+    if path and Path(path).resolve().is_relative_to(context.settings.staging_dir / "uploads"):
+        shutil.rmtree(path, ignore_errors=True)

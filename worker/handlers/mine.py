@@ -49,6 +49,9 @@ class RunInfo:
         self.per_label = int(mine.get("per_label") or PER_LABEL)
         self.per_image = int(mine.get("per_image") or PER_IMAGE)
         self.clusters = int(mine.get("clusters") or 32)
+        # "typical" is the method; "least" (-T) and "random" are its baselines, same pipeline.
+        self.selection = mine.get("selection") or "typical"
+        self.merge_threshold = float(mine.get("merge_threshold") or 0.95)
         self.seed = int(self.params.get("seed", 0))
 
 
@@ -95,7 +98,7 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
     """Top boxes of every image's map, then the best `per_label` of each label."""
     import torch
 
-    from worker.engine.patches import box_to_original, patch_scores, top_boxes, top_per_label
+    from worker.engine import patches as P
 
     shards = map_shards(info)
 
@@ -104,15 +107,27 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
             with np.load(shard) as data:
                 keys = list(data.files)
                 maps = torch.from_numpy(np.stack([data[k] for k in keys]).astype(np.float32))
-            scores = patch_scores(maps, info.resolution, info.patch_size)
-            for key, boxes in zip(keys, top_boxes(scores, info.patch_size, info.per_image)):
+            scores = P.patch_scores(maps, info.resolution, info.patch_size)
+            for key, boxes in zip(keys, select_boxes(scores)):
                 image_id, label_id = map(int, key.split("_"))
                 for box in boxes:
                     yield label_id, box.score, (image_id, tuple(box[:4]))
             context.progress(number, len(shards), "best boxes per image", stage="patches")
             context.check()
 
-    best = top_per_label(candidates(), info.per_label)
+    def select_boxes(scores):
+        if info.selection == "least":
+            return P.least_typical_boxes(scores, info.patch_size, info.per_image)
+        if info.selection == "random":
+            return P.random_boxes(scores, info.patch_size, info.per_image, seed=info.seed)
+        return P.top_boxes(scores, info.patch_size, info.per_image)
+
+    if info.selection == "least":
+        best = P.least_per_label(candidates(), info.per_label)
+    elif info.selection == "random":
+        best = P.random_per_label(candidates(), info.per_label, seed=info.seed)
+    else:
+        best = P.top_per_label(candidates(), info.per_label)
     image_ids = sorted({image_id for kept in best.values() for _, (image_id, _) in kept})
     with session_scope(context.settings) as session:
         sizes = dict(((i, (w, h)) for i, w, h in session.execute(
@@ -121,7 +136,7 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
         rows = []
         for label_id, kept in best.items():
             for score, (image_id, box) in kept:
-                x0, y0, x1, y1 = box_to_original(box, info.resolution, sizes[image_id])
+                x0, y0, x1, y1 = P.box_to_original(box, info.resolution, sizes[image_id])
                 rows.append(dict(run_id=info.run_id, image_id=image_id, label_id=label_id,
                                  x0=math.floor(x0), y0=math.floor(y0), x1=math.ceil(x1),
                                  y1=math.ceil(y1), score=score))
@@ -222,6 +237,7 @@ def mine_clusters(context: JobContext, info: RunInfo) -> None:
     Everything is computed first and written in one short transaction at the end: a write
     transaction held across the computation would block the job's own progress reports."""
     features = np.load(info.dir / "features.npy", mmap_mode="r")
+    run_mean = column_mean(features)
     clusters = []
     for number, (label_id, _) in enumerate(info.labels, 1):
         with session_scope(context.settings) as session:
@@ -230,7 +246,7 @@ def mine_clusters(context: JobContext, info: RunInfo) -> None:
                                           Patch.feature_row.is_not(None))
                                    .order_by(Patch.id)).all()
         if rows:
-            clusters += cluster_label(info, label_id, rows, features)
+            clusters += cluster_label(info, label_id, rows, features, run_mean)
         context.progress(number, len(info.labels), "clusters", stage="clusters")
         context.check()
     with session_scope(context.settings) as session:
@@ -241,7 +257,16 @@ def mine_clusters(context: JobContext, info: RunInfo) -> None:
             session.execute(insert(ClusterMember), [dict(m, cluster_id=cluster.id) for m in members])
 
 
-def cluster_label(info: RunInfo, label_id: int, rows, features) -> list[tuple[Cluster, list[dict]]]:
+def column_mean(matrix: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Mean row of a memory-mapped matrix, read a chunk at a time."""
+    total = np.zeros(matrix.shape[1], dtype=np.float64)
+    for start in range(0, len(matrix), chunk):
+        total += matrix[start:start + chunk].sum(axis=0)
+    return (total / max(len(matrix), 1)).astype(np.float32)
+
+
+def cluster_label(info: RunInfo, label_id: int, rows, features,
+                  run_mean: np.ndarray) -> list[tuple[Cluster, list[dict]]]:
     from worker.engine.clustering import (cluster_features, coherence, distances_to_centroids,
                                           merge_near_duplicates, order_clusters)
 
@@ -249,7 +274,13 @@ def cluster_label(info: RunInfo, label_id: int, rows, features) -> list[tuple[Cl
     label_features = np.asarray(features[[r[1] for r in rows]])
     scores = np.array([r[2] for r in rows])
     clustering = cluster_features(label_features, k=info.clusters, seed=info.seed)
-    centroids, assignments, _ = merge_near_duplicates(clustering.centroids, clustering.assignments)
+    # DIFT features share a large common component (raw centroid cosines are ~0.99 even for
+    # visibly different clusters), so near-duplicates are judged on centroids centred on the
+    # run's mean feature; merged centroids are then the means of their members.
+    _, assignments, _ = merge_near_duplicates(clustering.centroids - run_mean,
+                                              clustering.assignments, info.merge_threshold)
+    centroids = np.stack([label_features[assignments == c].mean(axis=0)
+                          for c in range(assignments.max() + 1)])
     distances = distances_to_centroids(label_features, centroids, assignments)
     coherences = coherence(label_features, assignments)
     out = []

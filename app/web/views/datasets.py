@@ -1,36 +1,126 @@
-"""Pages about datasets: the home list and one dataset's labels with sample thumbnails."""
+"""Pages about datasets: the home list (with its upload form) and one dataset's labels, models
+and runs, with the form that starts a run."""
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
+from sqlalchemy import select
 
 from app.ingest import TWEMOJI_CREDIT
-from app.services.datasets import (dataset_json, dataset_samples, datasets_query, load_dataset,
-                                   sample_images)
-from app.web.deps import SessionDep, render
+from app.jobs import job_json, list_jobs
+from app.models import Dataset
+from app.services.datasets import dataset_json, dataset_samples, datasets_query, load_dataset, sample_images
+from app.services.galleries import models_of_dataset, runs_of_datasets
+from app.services.runs import BACKENDS, NotFound, launch_pipeline
+from app.web.deps import CSRF, SessionDep, SettingsDep, redirect, render
 
-router = APIRouter()
+router = APIRouter(tags=["datasets"])
+
+#: The run form's choices and defaults: "fast" is the quick look, "paper" the reference recipe.
+RUN_DEFAULTS = {"preset": "fast", "backend": "pixel", "steps": 1500, "draws": None, "size": "small",
+                "resolution": None, "batch_size": None, "per_label": None, "clusters": None,
+                "all_labels": True, "seed": 0, "base": ""}
 
 
-@router.get("/")
+@router.get("/", summary="Datasets, their label sets and runs; the upload form")
 def home(request: Request, session: SessionDep):
     datasets = session.scalars(datasets_query()).all()
-    data = {"datasets": [dict(dataset_json(d), samples=[_thumb(i) for i in
-                              dataset_samples(session, d.id, limit=10)]) for d in datasets]}
+    runs = runs_of_datasets(session, dataset_ids=[d.id for d in datasets])
+    data = {"datasets": [dict(dataset_json(d), runs=runs[d.id],
+                              samples=[_thumb(i) for i in dataset_samples(session, d.id, limit=10)])
+                         for d in datasets],
+            "jobs": [job_json(j) for j in list_jobs(session, active_only=True, limit=10)]}
     credit = TWEMOJI_CREDIT if any(d.source == "builtin:twemoji" for d in datasets) else None
-    return render(request, "index.html", {"data": data, "credit": credit})
+    from app.web.views.uploads import form_defaults, upload_limits
+
+    return render(request, "index.html", {"data": data, "credit": credit, "form": form_defaults(),
+                                          "limits": upload_limits(request.app.state.settings),
+                                          "error": None})
 
 
-@router.get("/datasets/{dataset_id:int}")
-def dataset_page(request: Request, dataset_id: int, session: SessionDep):
+def dataset_page_data(session, dataset) -> dict:
+    data = dataset_json(dataset)
+    data["samples"] = {label.id: [_thumb(i) for i in sample_images(session, label.id)]
+                       for label_set in dataset.label_sets for label in label_set.labels}
+    data["models"] = models_of_dataset(session, dataset_id=dataset.id)
+    data["runs"] = runs_of_datasets(session, dataset_ids=[dataset.id])[dataset.id]
+    return data
+
+
+def _dataset_or_404(session, dataset_id: int):
     dataset = load_dataset(session, dataset_id)
     if dataset is None:
-        raise HTTPException(404, f"no dataset {dataset_id}")
-    data = dataset_json(dataset)
-    samples = {label.id: [_thumb(i) for i in sample_images(session, label.id)]
-               for label_set in dataset.label_sets for label in label_set.labels}
-    data["samples"] = samples
+        raise HTTPException(404, f"There is no dataset {dataset_id}.")
+    return dataset
+
+
+@router.get("/datasets/{dataset_id:int}", summary="A dataset: labels with samples, models, runs")
+def dataset_page(request: Request, dataset_id: int, session: SessionDep):
+    dataset = _dataset_or_404(session, dataset_id)
     credit = TWEMOJI_CREDIT if dataset.source == "builtin:twemoji" else None
-    return render(request, "dataset.html", {"data": data, "credit": credit})
+    return render(request, "dataset.html", {"data": dataset_page_data(session, dataset),
+                                            "credit": credit, "form": RUN_DEFAULTS, "error": None,
+                                            "backends": BACKENDS})
+
+
+def _int(form, name: str, low: int, high: int) -> int | None:
+    value = (form.get(name) or "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{name.replace('_', ' ')} must be between {low} and {high}, got {number}")
+    return number
+
+
+@router.post("/datasets/{dataset_id:int}/runs", dependencies=CSRF,
+             summary="Start a run: train, score and mine in one queued pipeline job")
+async def start_run(request: Request, dataset_id: int, session: SessionDep, settings: SettingsDep):
+    form = await request.form()
+    dataset = _dataset_or_404(session, dataset_id)
+    values = {k: form.get(k) for k in RUN_DEFAULTS}
+    values["all_labels"] = bool(form.get("all_labels"))
+    try:
+        preset = form.get("preset") or "fast"
+        backend = form.get("backend") or "pixel"
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown model backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        size = form.get("size") or None
+        if size not in (None, "tiny", "small", "base"):
+            raise ValueError(f"model size must be tiny, small or base, got {size!r}")
+        label_set = form.get("label_set") or None
+        mine = {"per_label": _int(form, "per_label", 1, 100_000),
+                "clusters": _int(form, "clusters", 1, 1000),
+                "patch_size": _int(form, "patch_size", 2, 4096),
+                "per_image": _int(form, "per_image", 1, 100)}
+        config = {"steps": _int(form, "steps", 1, 10_000_000),
+                  "resolution": _int(form, "resolution", 8, 4096),
+                  "batch_size": _int(form, "batch_size", 1, 4096),
+                  "size": size if backend == "pixel" else None,
+                  "base": (form.get("base") or "").strip() or None}
+        if backend == "stable-diffusion" and not config["base"]:
+            raise ValueError("the stable-diffusion backend needs base weights: a Stable Diffusion "
+                             "folder on the server")
+        _, run, job = launch_pipeline(
+            session, settings, dataset=dataset.id, label_set=label_set, backend=backend,
+            seed=_int(form, "seed", 0, 2**31) or 0, preset=preset,
+            draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"], mine=mine,
+            **config)
+    except (ValueError, NotFound) as error:
+        session.rollback()
+        data = dataset_page_data(session, _dataset_or_404(session, dataset_id))
+        data["error"] = str(error)
+        credit = TWEMOJI_CREDIT if dataset.source == "builtin:twemoji" else None
+        return render(request, "dataset.html", {"data": data, "credit": credit, "error": str(error),
+                                                "form": dict(RUN_DEFAULTS, **{k: v for k, v in values.items() if v is not None}),
+                                                "backends": BACKENDS}, status_code=400)
+    return redirect(request, f"/jobs/{job.id}", data={"job": job.id, "run": run.id})
+
+
+def dataset_id_by_name(session, name: str) -> int | None:
+    return session.scalar(select(Dataset.id).where(Dataset.name == name))
 
 
 def _thumb(image) -> dict:

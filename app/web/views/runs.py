@@ -1,0 +1,93 @@
+"""A mined run: its labels at a glance, one label's gallery of clusters (pages of clusters load as
+they scroll into view; labels switch without a full reload), and two labels side by side."""
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Query, Request
+
+from app.ingest import TWEMOJI_CREDIT
+from app.services.galleries import (CLUSTERS_PER_PAGE, MEMBERS_INLINE, active_run_jobs,
+                                    clusters_page, label_in_set, labels_of_set, run_info,
+                                    run_label_overview)
+from app.web.deps import SessionDep, is_htmx, render
+
+router = APIRouter(tags=["galleries"])
+
+
+def load_run(session, run_id: int) -> dict:
+    run = run_info(session, run_id=run_id)
+    if run is None:
+        raise HTTPException(404, f"There is no run {run_id}.")
+    return run
+
+
+def credit_for(run: dict) -> str | None:
+    return TWEMOJI_CREDIT if run["dataset"]["source"] == "builtin:twemoji" else None
+
+
+def load_label(session, run: dict, label_id: int) -> dict:
+    label = label_in_set(session, label_id=label_id, label_set_id=run["label_set"]["id"])
+    if label is None:
+        raise HTTPException(404, f"Run {run['id']} has no label {label_id}.")
+    return label
+
+
+@router.get("/runs/{run_id:int}", summary="A run: status and every label's top cluster")
+def run_page(request: Request, run_id: int, session: SessionDep, offset: int = Query(0, ge=0)):
+    run = load_run(session, run_id)
+    labels = labels_of_set(session, label_set_id=run["label_set"]["id"])
+    overview = run_label_overview(session, run_id=run_id, labels=labels, offset=offset)
+    data = dict(run, job=active_run_jobs(session).get(run_id), **overview)
+    context = {"data": data, "run": run, "credit": credit_for(run)}
+    if offset and is_htmx(request):
+        return render(request, "_run_labels.html", context)
+    return render(request, "run.html", context)
+
+
+def _page_args(show_artifacts: bool) -> str:
+    return "&artifacts=1" if show_artifacts else ""
+
+
+@router.get("/runs/{run_id:int}/labels/{label_id:int}",
+            summary="A label's gallery: its clusters in rank order, each with its first members")
+def gallery(request: Request, run_id: int, label_id: int, session: SessionDep,
+            artifacts: bool = False, offset: int = Query(0, ge=0),
+            per_page: int = Query(CLUSTERS_PER_PAGE, ge=1, le=50),
+            members: int = Query(MEMBERS_INLINE, ge=0, le=200)):
+    run = load_run(session, run_id)
+    label = load_label(session, run, label_id)
+    page = clusters_page(session, run_id=run_id, label_id=label_id, offset=offset, limit=per_page,
+                         members=members, show_artifacts=artifacts)
+    data = {"run": run, "label": label, "show_artifacts": artifacts, **page}
+    context = {"data": data, "run": run, "label": label, "credit": credit_for(run),
+               "more_url": f"/runs/{run_id}/labels/{label_id}?offset={page['next_offset']}"
+                           f"&per_page={per_page}&members={members}{_page_args(artifacts)}"}
+    target = request.headers.get("hx-target")
+    if is_htmx(request) and target != "gallery":
+        return render(request, "_clusters.html", context)  # the next page of clusters
+    data["labels"] = labels_of_set(session, label_set_id=run["label_set"]["id"])
+    if is_htmx(request):  # another label, same page around it
+        return render(request, "_gallery.html", dict(context, fragment=True))
+    return render(request, "gallery.html", context)
+
+
+@router.get("/runs/{run_id:int}/compare", summary="Two labels' galleries side by side")
+def compare(request: Request, run_id: int, session: SessionDep, a: int | None = None,
+            b: int | None = None, artifacts: bool = False):
+    run = load_run(session, run_id)
+    labels = labels_of_set(session, label_set_id=run["label_set"]["id"])
+    if not labels:
+        raise HTTPException(404, f"Run {run_id} has no labels.")
+    a = a if a is not None else labels[0]["id"]
+    b = b if b is not None else labels[min(1, len(labels) - 1)]["id"]
+    sides = []
+    for label_id in (a, b):
+        label = load_label(session, run, label_id)
+        page = clusters_page(session, run_id=run_id, label_id=label_id, show_artifacts=artifacts,
+                             members=MEMBERS_INLINE)
+        sides.append({"label": label, **page,
+                      "more_url": f"/runs/{run_id}/labels/{label_id}?offset={page['next_offset']}"
+                                  f"&per_page={CLUSTERS_PER_PAGE}&members={MEMBERS_INLINE}"
+                                  f"{_page_args(artifacts)}"})
+    data = {"run": run, "labels": labels, "a": a, "b": b, "sides": sides,
+            "show_artifacts": artifacts}
+    return render(request, "compare.html", {"data": data, "run": run, "credit": credit_for(run)})
