@@ -242,7 +242,8 @@ def main() -> None:
     command = " ".join(["python bench/bench_mining.py", *sys.argv[1:]])
     print(f"Run {datetime.date.today().isoformat()}: `{command}`, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPU cores ({args.threads} threads), torch {torch.__version__}, "
-          f"faiss {faiss.__version__}, load average {os.getloadavg()[0]:.1f} at start.\n")
+          f"faiss {faiss.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"load average {os.getloadavg()[0]:.1f} at start.\n")
     start = time.perf_counter()
     if "dift" in sections:
         bench_dift(images=2 if quick else 8, per_image=5, draws=8)
