@@ -133,7 +133,8 @@ def cmd_train(args, settings: Settings) -> dict:
     job_id = create_rows(settings, lambda session: launch_train(
         session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
         seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
-        batch_size=args.batch_size, size=args.size)[1].id)
+        batch_size=args.batch_size, size=args.size,
+        checkpoint_every=args.checkpoint_every)[1].id)
     result = run_job(args, settings, job_id, "train")
     if not args.json and "model" in result:
         accuracy = result.get("classifier_accuracy")
@@ -180,7 +181,8 @@ def cmd_run(args, settings: Settings) -> dict:
     job_id = create_rows(settings, lambda session: launch_pipeline(
         session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
         seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
-        batch_size=args.batch_size, size=args.size, preset=args.preset, draws=args.draws,
+        batch_size=args.batch_size, size=args.size, checkpoint_every=args.checkpoint_every,
+        preset=args.preset, draws=args.draws,
         all_labels=args.all_labels, mine=mine_options(args))[2].id)
     result = run_job(args, settings, job_id, "train, score, mine")
     if not args.json and "run" in result:
@@ -475,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--size", choices=("tiny", "small", "base"), help="pixel model width")
+    train.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")
     train.add_argument("--seed", type=int, default=0)
     add_queue_flags(train)
 

@@ -1,0 +1,52 @@
+"""`diffmine export`: the documented JSON layout, CSV rows, a self-contained HTML report."""
+import csv
+import io
+import json
+import subprocess
+import sys
+
+
+def export(settings, *args):
+    done = subprocess.run([sys.executable, "-m", "app.cli", "export", "1", *args, "--home",
+                           str(settings.home_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_json_layout(mined_settings):
+    data = json.loads(export(mined_settings, "--format", "json"))
+    assert set(data) == {"run", "labels", "images"}
+    assert data["run"]["id"] == 1 and data["run"]["preset"] == "fast"
+    assert [l["name"] for l in data["labels"]][:3] == ["Bear", "Bird", "Cat"]
+    cluster = data["labels"][0]["clusters"][0]
+    assert cluster["rank"] == 0 and isinstance(cluster["median_typicality"], float)
+    member = cluster["members"][0]
+    assert set(member) == {"image", "box", "typicality"}
+    assert member["image"].startswith("bear/") and len(member["box"]) == 4
+    assert len(data["images"]) == 120
+    image = data["images"][0]
+    assert set(image) == {"image", "split", "scores"} and len(image["scores"]) == 10
+
+
+def test_csv_has_one_row_per_member(mined_settings):
+    rows = list(csv.DictReader(io.StringIO(export(mined_settings, "--format", "csv"))))
+    data = json.loads(export(mined_settings, "--format", "json"))
+    assert len(rows) == sum(len(c["members"]) for l in data["labels"] for c in l["clusters"])
+    assert rows[0]["label"] == "Bear" and rows[0]["cluster_rank"] == "0"
+
+
+def test_html_report_is_self_contained(mined_settings, tmp_path):
+    target = tmp_path / "report.html"
+    export(mined_settings, "--format", "html", "-o", str(target))
+    page = target.read_text()
+    assert page.count("data:image/png;base64,") >= 10
+    assert "src='/" not in page and 'src="/' not in page and "http" not in page.split("<footer>")[0]
+
+
+def test_unknown_run_fails_and_writes_nothing(mined_settings, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "app.cli", "export", "99", "-o", str(out / "x.json"),
+                           "--home", str(mined_settings.home_dir)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == "diffmine export: no run 99"
+    assert list(out.iterdir()) == []

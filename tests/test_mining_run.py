@@ -1,0 +1,61 @@
+"""A real mined run (tiny model, real pipeline): patches, features, clusters and their order."""
+import numpy as np
+from sqlalchemy import func, select
+
+from app.cli import main as diffmine
+from app.db import session_scope
+from app.models import Cluster, ClusterMember, ImageScore, MiningRun, Patch
+
+
+def cluster_table(settings):
+    with session_scope(settings) as session:
+        return session.execute(
+            select(Cluster.label_id, Cluster.rank, Cluster.median_typicality, ClusterMember.position,
+                   Patch.image_id, Patch.x0, Patch.y0).join(ClusterMember, ClusterMember.cluster_id == Cluster.id)
+            .join(Patch, Patch.id == ClusterMember.patch_id)
+            .order_by(Cluster.label_id, Cluster.rank, ClusterMember.position)).all()
+
+
+def test_every_image_is_scored_once_per_label(mined_settings):
+    with session_scope(mined_settings) as session:
+        pairs = session.execute(select(ImageScore.image_id, func.count()).group_by(ImageScore.image_id)).all()
+        maps = session.scalar(select(func.count()).where(ImageScore.map_path.is_not(None)))
+    assert len(pairs) == 120 and {n for _, n in pairs} == {10}  # --all-labels: every label
+    assert maps == 120  # a map for each image's own label
+
+
+def test_patches_clusters_and_their_order(mined_settings):
+    home = mined_settings.home_dir
+    with session_scope(mined_settings) as session:
+        run = session.get(MiningRun, 1)
+        assert run.status == "ready"
+        assert set(run.stages_done) == {"score", "patches", "features", "clusters", "crops"}
+        patches = session.scalars(select(Patch)).all()
+        assert 0 < len(patches) <= 10 * 20
+        for patch in patches:
+            assert (home / patch.crop_path).is_file()
+            assert 0 <= patch.x0 < patch.x1 <= 28 and 0 <= patch.y0 < patch.y1 <= 28
+        rows = {p.feature_row for p in patches}
+        assert rows == set(range(len(patches)))  # every patch has its own index row
+        for label_id in {p.label_id for p in patches}:
+            clusters = session.scalars(select(Cluster).where(Cluster.label_id == label_id)
+                                       .order_by(Cluster.rank)).all()
+            medians = [c.median_typicality for c in clusters]
+            assert medians == sorted(medians, reverse=True)
+            assert sum(c.size for c in clusters) == sum(p.label_id == label_id for p in patches)
+            for cluster in clusters:
+                distances = session.scalars(select(ClusterMember.distance).where(
+                    ClusterMember.cluster_id == cluster.id).order_by(ClusterMember.position)).all()
+                assert distances == sorted(distances)
+    features = np.load(home / "runs/1/features.npy")
+    assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
+    import faiss
+
+    assert faiss.read_index(str(home / "runs/1/index.faiss")).ntotal == len(features)
+
+
+def test_mining_again_gives_the_same_clusters(mined_settings):
+    before = cluster_table(mined_settings)
+    assert diffmine(["mine", "1", "--per-label", "20", "--clusters", "3", "--home",
+                     str(mined_settings.home_dir), "--json"]) == 0
+    assert cluster_table(mined_settings) == before
