@@ -43,6 +43,9 @@ async def stream_form(request: Request, *, directory: Path, max_bytes: int,
     `before_file(form)` runs when the file part starts, with the fields sent before it (the
     CSRF token comes first): it may raise to refuse the upload before a byte is written."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type == b"application/x-www-form-urlencoded":  # fields only: a server folder
+        fields = await request.form(max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+        return StreamedForm(fields={k: v for k, v in fields.items() if isinstance(v, str)})
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError(400, "send the upload as a multipart/form-data form")
     length = request.headers.get("content-length")

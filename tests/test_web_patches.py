@@ -1,0 +1,71 @@
+"""Patch pages and "more like this": nearest patches from the run's FAISS index, read by the web
+process with faiss and numpy only (no torch)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.web import create_app
+
+
+@pytest.fixture
+def client(mined_settings):
+    return TestClient(create_app(mined_settings))
+
+
+def test_patch_page_shows_its_image_clusters_and_actions(client):
+    data = client.get("/patches/1.json").json()
+    assert data["label_name"] and data["clusters"] and data["image"]["id"] == data["image"]["id"]
+    html = client.get("/patches/1").text
+    assert "Translate across labels" in html and 'hx-get="/patches/1/similar"' in html
+    assert f'href="/clusters/{data["clusters"][0]["id"]}"' in html
+
+
+def test_similar_patches_are_nearest_neighbours_by_feature(mined_settings, client):
+    data = client.get("/patches/1/similar.json?k=8").json()["similar"]
+    assert len(data) == 8 and 1 not in [p["id"] for p in data]
+    similarities = [p["similarity"] for p in data]
+    assert similarities == sorted(similarities, reverse=True)
+    # The same answer as a brute-force cosine search over the run's features.
+    features = np.load(mined_settings.runs_dir / "1" / "features.npy")
+    row = client.get("/patches/1.json").json()["feature_row"]
+    cosine = features @ features[row]
+    order = [r for r in np.argsort(-cosine) if r != row][:8]
+    assert np.allclose(sorted(similarities, reverse=True), cosine[order], atol=1e-4)
+
+
+def test_similar_patches_of_one_label(client):
+    data = client.get("/patches/1/similar.json?k=5&label=2").json()["similar"]
+    assert data and all(p["label"] == 2 for p in data)
+    html = client.get("/patches/1/similar?label=2").text
+    assert html.count('class="member"') == len(client.get("/patches/1/similar.json?label=2").json()["similar"])
+
+
+def test_crop_route_makes_a_missing_crop_once(mined_settings, client):
+    crop = mined_settings.runs_dir / "1" / "crops" / "1.png"
+    crop.unlink()
+    response = client.get("/patches/1/crop.png")
+    assert response.status_code == 200 and crop.is_file()
+    assert "immutable" in response.headers["cache-control"]
+
+
+def test_runs_folder_serves_pictures_only(client):
+    assert client.get("/files/runs/1/crops/1.png").status_code == 200
+    for path in ("runs/1/features.npy", "runs/1/index.faiss", "web-secret", "diffmine.sqlite"):
+        assert client.get(f"/files/{path}").status_code == 404
+
+
+def test_the_web_never_imports_torch(mined_settings):
+    script = f"""
+import sys
+from fastapi.testclient import TestClient
+from app.settings import Settings
+from app.web import create_app
+client = TestClient(create_app(Settings(home={str(mined_settings.home_dir)!r})))
+for url in ("/", "/runs/1/labels/1", "/patches/1/similar", "/images/1", "/clusters/1"):
+    assert client.get(url).status_code == 200, url
+assert "torch" not in sys.modules, "the web process imported torch"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
