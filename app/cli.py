@@ -150,7 +150,7 @@ def cmd_score(args, settings: Settings) -> dict:
 
     job_id = create_rows(settings, lambda session: launch_score(
         session, model_id=args.model, preset=args.preset, draws=args.draws,
-        all_labels=args.all_labels, seed=args.seed)[1].id)
+        all_labels=args.all_labels, seed=args.seed, shard_size=args.shard_size)[1].id)
     result = run_job(args, settings, job_id, "score")
     if not args.json and "run" in result:
         print(f"Scored {result['images']} images: run {result['run']}")
@@ -182,7 +182,7 @@ def cmd_run(args, settings: Settings) -> dict:
         session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
         seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
         batch_size=args.batch_size, size=args.size, checkpoint_every=args.checkpoint_every,
-        preset=args.preset, draws=args.draws,
+        preset=args.preset, draws=args.draws, shard_size=args.shard_size,
         all_labels=args.all_labels, mine=mine_options(args))[2].id)
     result = run_job(args, settings, job_id, "train, score, mine")
     if not args.json and "run" in result:
@@ -488,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--all-labels", action="store_true",
                        help="also score every image under every label (diffusion classifier)")
     score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--shard-size", type=int, help="images per resumable shard (default 64)")
     add_queue_flags(score)
 
     mine = sub.add_parser("mine", parents=[common], help="patches, features and clusters of a run")
@@ -580,6 +581,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads (torch, FAISS) otherwise spin and starve each other on small machines;
+    # it must be set before either library starts its thread pool.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)

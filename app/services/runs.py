@@ -96,33 +96,40 @@ def examples(session: Session, settings: Settings, *, label_set_id: int, split: 
 
 
 # --- launching work: rows first, then the job that fills them --------------------------------
-def launch_train(session: Session, settings: Settings, *, dataset: str | int, label_set: str | None,
-                 backend: str = "pixel", seed: int = 0, **config) -> tuple[TrainedModel, Job]:
-    from app.jobs import enqueue
-
+def new_model(session: Session, settings: Settings, *, dataset: str | int, label_set: str | None,
+              backend: str = "pixel", seed: int = 0, **config) -> TrainedModel:
     ds = find_dataset(session, dataset)
     ls = find_label_set(session, ds, label_set)
-    model = create_model(session, settings, dataset=ds, label_set=ls, backend=backend,
-                         config=dict(config, seed=seed))
-    job = enqueue(session, kind="train", params={"model_id": model.id})
-    return model, job
+    return create_model(session, settings, dataset=ds, label_set=ls, backend=backend,
+                        config=dict(config, seed=seed))
 
 
-def launch_score(session: Session, *, model_id: int, preset: str = "paper", draws: int | None = None,
-                 all_labels: bool = False, seed: int = 0, kind: str = "score",
-                 mine: dict | None = None) -> tuple[MiningRun, Job]:
-    from app.jobs import enqueue
-
+def new_run(session: Session, *, model_id: int, preset: str = "paper", draws: int | None = None,
+            all_labels: bool = False, seed: int = 0, mine: dict | None = None,
+            shard_size: int | None = None) -> MiningRun:
     model = session.get(TrainedModel, model_id)
     if model is None:
         raise NotFound(f"no model {model_id}")
     if preset not in ("paper", "fast"):
         raise ValueError(f"unknown preset {preset!r}; choose paper or fast")
     params = {"preset": preset, "draws": draws, "all_labels": all_labels, "seed": seed,
-              "mine": mine or {}}
-    run = create_run(session, model=model, preset=preset, params=params)
-    job = enqueue(session, kind=kind, params={"run_id": run.id, "model_id": model.id})
-    return run, job
+              "mine": {k: v for k, v in (mine or {}).items() if v is not None},
+              "shard_size": shard_size}
+    return create_run(session, model=model, preset=preset, params=params)
+
+
+def launch_train(session: Session, settings: Settings, **options) -> tuple[TrainedModel, Job]:
+    from app.jobs import enqueue
+
+    model = new_model(session, settings, **options)
+    return model, enqueue(session, kind="train", params={"model_id": model.id})
+
+
+def launch_score(session: Session, **options) -> tuple[MiningRun, Job]:
+    from app.jobs import enqueue
+
+    run = new_run(session, **options)
+    return run, enqueue(session, kind="score", params={"run_id": run.id, "model_id": run.model_id})
 
 
 def launch_mine(session: Session, *, run_id: int, mine: dict) -> Job:
@@ -142,15 +149,16 @@ def launch_mine(session: Session, *, run_id: int, mine: dict) -> Job:
 def launch_pipeline(session: Session, settings: Settings, *, dataset: str | int,
                     label_set: str | None, backend: str = "pixel", seed: int = 0,
                     preset: str = "paper", draws: int | None = None, all_labels: bool = False,
-                    mine: dict | None = None, **train_config) -> tuple[TrainedModel, MiningRun, Job]:
+                    mine: dict | None = None, shard_size: int | None = None,
+                    **train_config) -> tuple[TrainedModel, MiningRun, Job]:
+    """Model and run rows, and one pipeline job that trains, scores and mines."""
     from app.jobs import enqueue
 
-    model, train_job = launch_train(session, settings, dataset=dataset, label_set=label_set,
-                                    backend=backend, seed=seed, **train_config)
-    session.delete(train_job)  # the pipeline job runs the training itself
-    run, score_job = launch_score(session, model_id=model.id, preset=preset, draws=draws,
-                                  all_labels=all_labels, seed=seed,
-                                  mine={k: v for k, v in (mine or {}).items() if v is not None})
-    session.delete(score_job)
-    job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id})
+    model = new_model(session, settings, dataset=dataset, label_set=label_set, backend=backend,
+                      seed=seed, **train_config)
+    run = new_run(session, model_id=model.id, preset=preset, draws=draws, all_labels=all_labels,
+                  seed=seed, mine=mine, shard_size=shard_size)
+    # Three long stages in one job: allow a lost worker in each, and one more.
+    job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id},
+                  max_attempts=5)
     return model, run, job

@@ -187,7 +187,7 @@ def mine_features(context: JobContext, info: RunInfo) -> None:
             boxes = [[clip_box(box_to_model(box, info.resolution, images[image_id][1]), info.resolution)
                       for _, box in members] for image_id, _, members in batch]
             features = patch_features(denoiser, pixels, dataset.conditions, boxes,
-                                      seed=info.seed + start)
+                                      seed=info.seed)
             temporary = part.with_suffix(".tmp.npz")
             np.savez(temporary, ids=np.array([pid for g in batch for pid, _ in g[2]]),
                      features=torch.cat(features).cpu().numpy().astype(np.float32))

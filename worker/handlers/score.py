@@ -41,7 +41,7 @@ def run_score(context: JobContext) -> dict:
     while True:
         with session_scope(settings) as session:
             shard = examples(session, settings, label_set_id=label_set_id, after_id=after_id,
-                             limit=SHARD_IMAGES)
+                             limit=params.get("shard_size") or SHARD_IMAGES)
         if not shard:
             break
         shard_file = maps_dir / f"shard-{shard[0].image_id:09d}.npz"
