@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from worker.engine.presets import FAST, PAPER, TypicalityPreset, get_preset
+from worker.engine.timesteps import fit_timestep_weights
 from worker.engine.typicality import (draw_timesteps_and_noise, label_scores, label_scores_stream,
                                       standard_error, typicality, typicality_stream)
 
@@ -82,8 +83,8 @@ def test_null_condition_has_no_typicality(tiny_denoiser, images):
 
 def test_stratified_draws_cover_each_slice_once_per_round():
     preset = TypicalityPreset(name="s", draws=24, timesteps="stratified", round_size=12)
-    timesteps, noise = draw_timesteps_and_noise(preset, 0, (3, 4, 4))
-    assert noise.shape == (24, 3, 4, 4)
+    timesteps, noise, weights = draw_timesteps_and_noise(preset, 0, (3, 4, 4))
+    assert noise.shape == (24, 3, 4, 4) and (weights == 1).all()
     for round_ in timesteps.view(2, 12):
         assert (round_ // 50).tolist() == list(range(2, 14))  # slices of 600 / 12 = 50 steps, from 100
 
@@ -141,3 +142,16 @@ def test_presets_are_frozen_and_validated():
         TypicalityPreset(name="odd", draws=9, timesteps="stratified")
     with pytest.raises(ValueError):
         get_preset("warp")
+
+
+def test_importance_sampled_typicality_runs_with_fitted_weights(tiny_denoiser, images):
+    conditions = tiny_denoiser.condition([0, 1, 0])
+    pilot_preset = FAST.with_(draws=24)
+    pilot = typicality(tiny_denoiser, images, conditions, pilot_preset, seed=9)
+    timesteps, _, _ = draw_timesteps_and_noise(pilot_preset, 9, (3, 32, 32))
+    weights = fit_timestep_weights(pilot.differences, timesteps, 100, 700, bins=6)
+    preset = FAST.with_(draws=12, timesteps="importance", timestep_weights=weights)
+    result = typicality(tiny_denoiser, images, conditions, preset, seed=0)
+    assert torch.isfinite(result.scores).all() and (result.stderr > 0).all()
+    with pytest.raises(ValueError):
+        FAST.with_(timesteps="importance")  # no weights

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-TIMESTEP_SCHEMES = ("uniform", "stratified")
+from .timesteps import bin_density
+
+TIMESTEP_SCHEMES = ("uniform", "stratified", "importance")
 AUTOCAST_DTYPES = (None, "bf16", "fp16")
 
 
@@ -23,7 +25,12 @@ class TypicalityPreset:
     t_max: int = 700
     #: "uniform": i.i.d. t (the paper). "stratified": each round of `round_size` draws puts one t
     #: in each of `round_size` equal slices of [t_min, t_max) - same mean, lower variance.
+    #: "importance": stratified over a density given by `timestep_weights`, draws reweighted.
+    #: See worker/engine/timesteps.py.
     timesteps: str = "uniform"
+    #: "importance" only: relative sampling density on equal-width bins of [t_min, t_max),
+    #: fitted per model from a pilot run by `timesteps.fit_timestep_weights`
+    timestep_weights: tuple[float, ...] | None = None
     #: draws per round (default: all draws in one round). Early stopping is checked between rounds.
     round_size: int | None = None
     #: early stopping: an image stops once its standard error is <= this (None: never stop early)
@@ -46,12 +53,16 @@ class TypicalityPreset:
             raise ValueError("at least 2 draws are needed to estimate a standard error")
         if self.draws % self.rounds_of:
             raise ValueError(f"draws ({self.draws}) must be a multiple of round_size ({self.round_size})")
-        if self.timesteps == "stratified" and self.rounds_of % 2:
+        if self.timesteps != "uniform" and self.rounds_of % 2:
             # The standard error pairs neighbouring strata ("collapsed strata"), so a round
             # needs an even number of them.
             raise ValueError(f"stratified rounds need an even number of draws, got {self.rounds_of}")
         if self.target_stderr is not None and self.rounds_of == self.draws:
             raise ValueError("early stopping (target_stderr) needs round_size < draws")
+        if (self.timesteps == "importance") != (self.timestep_weights is not None):
+            raise ValueError("timestep_weights go with timesteps='importance', and only with it")
+        if self.timestep_weights is not None:
+            bin_density(self.timestep_weights, self.t_max - self.t_min)  # raises if unusable
         if self.forward_batch < 2:
             raise ValueError("forward_batch must hold at least one label/null pair")
 

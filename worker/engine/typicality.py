@@ -17,9 +17,9 @@ eps and the same forward call, so their difference has low variance. For the pap
 Because draws do not depend on the batch, scoring a batch gives the same numbers as scoring
 its images one by one (up to float rounding of batched kernels).
 
-Standard errors: i.i.d. draws use std / sqrt(N). Stratified draws use the collapsed-strata
-estimator (neighbouring strata paired; slightly conservative), since the i.i.d. formula would
-overstate their error.
+Standard errors: i.i.d. draws use std / sqrt(N). Stratified (and importance-sampled) draws use
+the collapsed-strata estimator (neighbouring strata paired; slightly conservative), since the
+i.i.d. formula would overstate their error. Timestep schemes: worker/engine/timesteps.py.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 
 from .denoiser import ConditionalDenoiser
 from .presets import PAPER, TypicalityPreset
+from .timesteps import sample_timesteps
 
 Batch = torch.Tensor | Sequence  # images, or (images, conditions[, keys])
 
@@ -44,7 +45,7 @@ class TypicalityResult:
     scores: torch.Tensor  # [B] image-level typicality (mean of the map)
     stderr: torch.Tensor  # [B] standard error of `scores` over the draws
     draws: torch.Tensor  # [B] draws used per image (fewer than the preset's if stopped early)
-    differences: torch.Tensor  # [B, N] image-level L_null - L_c per draw (zeros after a stop)
+    differences: torch.Tensor  # [B, N] image-level L_null - L_c per draw, x p/q (zeros after a stop)
     keys: list | None = None  # passed through from the input batch
 
 
@@ -54,7 +55,7 @@ class LabelScores:
 
     null_loss: torch.Tensor  # [B] mean loss under the null condition
     label_losses: torch.Tensor  # [B, M] mean loss under each single label
-    per_draw: torch.Tensor  # [B, M + 1, N] image-level loss per draw; index 0 is null
+    per_draw: torch.Tensor  # [B, M + 1, N] image-level loss per draw (x p/q); index 0 is null
     stderr: torch.Tensor  # [B, M] standard error of `typicality`
     maps: torch.Tensor | None = None  # [B, M, h, w] typicality map per label, if asked for
     conditions: torch.Tensor | None = None  # passed through from the input batch
@@ -79,19 +80,15 @@ class LabelScores:
 
 
 # --- draws ---------------------------------------------------------------------------------------
-def draw_timesteps_and_noise(preset: TypicalityPreset, seed: int,
-                             shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The preset's (t, eps) sequence for one image of latent `shape`: [N] int64, [N, *shape]."""
+def draw_timesteps_and_noise(preset: TypicalityPreset, seed: int, shape: Sequence[int]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The preset's draws for one image of latent `shape`: t [N] int64, eps [N, *shape], and
+    the importance weights [N] of the draws (ones unless timesteps="importance")."""
     g = torch.Generator().manual_seed(seed)
-    span = preset.t_max - preset.t_min
-    if preset.timesteps == "uniform":
-        timesteps = torch.randint(preset.t_min, preset.t_max, (preset.draws,), generator=g)
-    else:  # stratified: round r puts draw k in slice k of [t_min, t_max); marginally uniform
-        size = preset.rounds_of
-        u = (torch.arange(size) + torch.rand(preset.draws // size, size, generator=g, dtype=torch.float64)) / size
-        timesteps = preset.t_min + (u * span).floor().long().flatten()
+    timesteps, weights = sample_timesteps(preset.timesteps, preset.draws, preset.rounds_of, preset.t_min,
+                                          preset.t_max, g, preset.timestep_weights)
     noise = torch.randn((preset.draws, *shape), generator=g)
-    return timesteps, noise
+    return timesteps, noise, weights
 
 
 def standard_error(differences: torch.Tensor, timesteps: str = "uniform",
@@ -100,7 +97,7 @@ def standard_error(differences: torch.Tensor, timesteps: str = "uniform",
     n = differences.shape[-1]
     if timesteps == "uniform":
         return differences.std(dim=-1) / math.sqrt(n)
-    # Stratified, one draw per stratum: pair strata (0,1), (2,3), ... within each round and use
+    # Stratified (plain or importance-weighted), one draw per stratum: pair strata (0,1), (2,3), ... within each round and use
     # (d_a - d_b)^2 as the estimate of var_a + var_b.
     size = round_size or n
     if n % size or size % 2:
@@ -170,14 +167,15 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             preset: TypicalityPreset, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-draw image-level losses [B, J, N], summed loss maps [B, J, h, w], draws used [B].
 
+    Losses of importance-sampled draws carry their weight p/q, so plain means stay unbiased.
     Work items are (image, draw, condition) triples, condition fastest, so the J conditions of a
     draw sit side by side in one forward call; they run in chunks of `forward_batch`, one round
     of draws at a time, dropping images whose standard error is already small enough.
     """
     batch, conditions_per_draw = len(latents), len(condition_sets)
     device = latents.device
-    timesteps, noise = draw_timesteps_and_noise(preset, seed, latents.shape[1:])
-    timesteps, noise = timesteps.to(device), noise.to(device, latents.dtype)
+    timesteps, noise, weights = draw_timesteps_and_noise(preset, seed, latents.shape[1:])
+    timesteps, noise, weights = timesteps.to(device), noise.to(device, latents.dtype), weights.to(device)
     conditions = torch.stack(condition_sets, dim=1).to(device)  # [B, J, L]
     per_draw = torch.zeros(batch, conditions_per_draw, preset.draws, device=device)
     map_sums = torch.zeros(batch, conditions_per_draw, *latents.shape[2:], device=device)
@@ -195,7 +193,8 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             with _autocast(device, preset):
                 prediction = denoiser.predict_noise(_memory_format(noisy, preset), timesteps[draw],
                                                     conditions[image, cond])
-            loss = (prediction.float() - eps.float()).pow(2).mean(dim=1)  # [n, h, w]
+            # Channel-averaged squared error, times p/q for importance-sampled timesteps.
+            loss = (prediction.float() - eps.float()).pow(2).mean(dim=1) * weights[draw, None, None]
             per_draw[image, cond, draw] = loss.mean(dim=(1, 2))
             map_sums.view(-1, *loss.shape[1:]).index_add_(0, image * conditions_per_draw + cond, loss)
         used[active] += preset.rounds_of
