@@ -93,6 +93,8 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
     train(model, data, steps=1, batch_size=2, seed=0, checkpoint_dir=tmp_path, checkpoint_every=1)
     with pytest.raises(ValueError, match="checkpoint"):
         train(model, data, steps=2, batch_size=2, seed=0, lr=5e-4, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="past"):
+        train(model, data, steps=0, batch_size=2, seed=0, checkpoint_dir=tmp_path)
 
 
 def test_nothing_to_train_is_an_error():

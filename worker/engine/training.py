@@ -145,6 +145,8 @@ def train(denoiser: ConditionalDenoiser, dataset: torch.utils.data.Dataset, *, s
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None and resume else None
     if latest is not None:
         start_step, losses = load_checkpoint(latest, denoiser, optimizer, accelerator, recipe)
+        if start_step > steps:
+            raise ValueError(f"{latest} is at step {start_step}, past the {steps} steps asked for")
 
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, steps,
                                accelerator.process_index, accelerator.num_processes,
