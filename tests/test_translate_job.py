@@ -1,0 +1,141 @@
+"""Translation jobs on a real mined run (tests/mined.py: animals, tiny pixel model, run 1):
+the CLI in the foreground, the web's request through the worker, the click cache, and the
+consistent-change (parallel dataset) job with its resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+
+from app.cli import main as diffmine
+from app.db import session_scope
+from app.jobs import PRIORITY_INTERACTIVE
+from app.models import Image, Job, Label, Patch, Translation
+from app.services.translations import request_translation
+from worker.runner import Worker
+
+#: few DDIM steps: these tests check the plumbing; the engine tests check the numbers
+QUICK = ["--invert-steps", "8", "--sample-steps", "4", "--guidance", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *argv, home) -> dict:
+    capsys.readouterr()
+    assert diffmine([*argv, "--home", str(home), "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def first_patch(settings) -> Patch:
+    with session_scope(settings) as session:
+        patch = session.scalar(select(Patch).order_by(Patch.id).limit(1))
+        session.expunge(patch)
+        return patch
+
+
+def test_translate_a_patch_from_the_cli_then_from_the_cache(mined_settings, capsys):
+    home, patch = mined_settings.home_dir, first_patch(mined_settings)
+    result = run_cli(capsys, "translate", "--patch", str(patch.id), *QUICK, home=home)
+    with session_scope(mined_settings) as session:
+        labels = session.scalars(select(Label.name).order_by(Label.position)).all()
+        row = session.get(Translation, result["translation"])
+        assert row.status == "ready" and row.patch_id == patch.id
+        assert row.box == [patch.x0, patch.y0, patch.x1, patch.y1]
+        assert row.params["invert_steps"] == 8 and "reconstruction_error" in row.params
+        jobs = session.scalar(select(func.count()).select_from(Job).where(Job.kind == "translate"))
+    assert result["labels"] == labels and not result["cached"]
+    assert result["result_dir"] == f"runs/{patch.run_id}/translations/{result['translation']}"
+    entries = result["results"]
+    assert [e["is_source"] for e in entries] == [e["label_id"] == patch.label_id for e in entries]
+    source = next(e for e in entries if e["is_source"])
+    assert 0 <= source["reconstruction_error"] < 1 and source["reconstruction_error"] == result["reconstruction_error"]
+    for entry in entries:
+        crop = PILImage.open(home / entry["crop"])
+        full = PILImage.open(home / entry["image"])
+        assert full.size == (32, 32) and 1 <= crop.size[0] <= 32 and 1 <= crop.size[1] <= 32
+        assert isinstance(entry["typicality"], float) and isinstance(entry["source_typicality"], float)
+    assert (home / result["result_dir"] / "source.png").exists()
+
+    # the same click again: the row is reused, nothing runs
+    again = run_cli(capsys, "translate", "--patch", str(patch.id), *QUICK, home=home)
+    assert again["translation"] == result["translation"] and again["cached"]
+    with session_scope(mined_settings) as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.kind == "translate")) == jobs
+    # other settings are another translation
+    other = run_cli(capsys, "translate", "--patch", str(patch.id), *QUICK, "--seed", "1", "--queue", home=home)
+    assert other["translation"] != result["translation"] and other["job"] and other["labels"] == labels
+
+
+def test_the_web_request_runs_on_the_worker_and_is_cached(mined_settings):
+    patch = first_patch(mined_settings)
+    options = {"invert_steps": 6, "sample_steps": 3}
+    with session_scope(mined_settings) as session:
+        row, job_id = request_translation(session, patch_id=patch.id, params=options)
+        translation_id = row.id
+        assert session.get(Job, job_id).priority == PRIORITY_INTERACTIVE
+        assert request_translation(session, patch_id=patch.id, params=options) == (row, job_id)
+    assert Worker(mined_settings).run_one()
+    with session_scope(mined_settings) as session:
+        job = session.get(Job, job_id)
+        assert job.status == "succeeded", job.error
+        row = session.get(Translation, translation_id)
+        assert row.status == "ready" and len(row.results) == session.scalar(select(func.count()).select_from(Label))
+        assert request_translation(session, patch_id=patch.id, params=options) == (row, None)
+
+
+def test_an_image_region_with_a_context_window_and_a_failure(mined_settings, capsys):
+    home = mined_settings.home_dir
+    with session_scope(mined_settings) as session:
+        image = session.scalar(select(Image).order_by(Image.id).limit(1))
+        image_id, width, height = image.id, image.width, image.height
+    box = f"{width // 4},{height // 4},{width // 2},{height // 2}"
+    whole = run_cli(capsys, "translate", "--run", "1", "--image", str(image_id), *QUICK, home=home)
+    region = run_cli(capsys, "translate", "--run", "1", "--image", str(image_id), "--box", box,
+                     "--context", "1.5", *QUICK, home=home)
+    assert whole["translation"] != region["translation"]
+    assert whole["result_dir"] == f"models/1/translations/{whole['translation']}"
+    whole_crop = PILImage.open(home / whole["results"][0]["crop"])
+    region_crop = PILImage.open(home / region["results"][0]["crop"])
+    assert whole_crop.size == (32, 32) and region_crop.size[0] < 32
+
+    capsys.readouterr()
+    assert diffmine(["translate", "--run", "1", "--image", str(image_id), "--box", f"0,0,{width + 5},4",
+                     "--home", str(home), "--json"]) == 1
+    assert "not inside" in capsys.readouterr().err
+
+
+def test_parallel_dataset_is_mined_clustered_and_resumable(mined_settings, capsys):
+    home = mined_settings.home_dir
+    result = run_cli(capsys, "translate", "--run", "1", "--parallel", "5", "--clusters", "2", *QUICK, home=home)
+    summary_path = home / result["summary"]
+    summary = json.loads(summary_path.read_text())
+    labels = [label["name"] for label in summary["labels"]]
+    assert result["images"] == len(summary["images"]) == 5 and result["labels"] == labels
+    assert 1 <= result["clusters"] <= 2 and result["patches"] == 25  # 5 boxes per image
+    medians = [c["median_cotypicality"] for c in summary["clusters"]]
+    assert medians == sorted(medians, reverse=True)
+    for cluster in summary["clusters"]:
+        for member in cluster["members"]:
+            assert [v["label"] for v in member["versions"]] == labels
+            assert (home / member["source_crop"]).exists()
+            assert all((home / v["crop"]).exists() for v in member["versions"])
+    folder = summary_path.parent
+    chunk = sorted((folder / "chunks").glob("chunk-*.npz"))[0]
+    kept = chunk.stat().st_mtime_ns
+    # interrupted after its first chunk: the rerun keeps the chunk, redoes the rest, same result
+    for path in [summary_path, folder / "patches.json", *sorted((folder / "chunks").glob("*.npz"))[1:],
+                 *(folder / "features").glob("*.npy")]:
+        path.unlink()
+    again = run_cli(capsys, "translate", "--run", "1", "--parallel", "5", "--clusters", "2", *QUICK, home=home)
+    assert chunk.stat().st_mtime_ns == kept
+    assert json.loads(summary_path.read_text())["clusters"] == summary["clusters"]
+    assert {k: v for k, v in again.items() if k != "job"} == {k: v for k, v in result.items() if k != "job"}
