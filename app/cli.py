@@ -423,17 +423,22 @@ def cmd_serve(args, settings: Settings) -> None:
 @command("demo")
 def cmd_demo(args, settings: Settings) -> None:
     from app.services.datasets import dataset_by_name
+    from app.services.demo import DATASET, demo_jobs
 
-    args.source, args.name = "builtin:twemoji", "twemoji"
-    for attr, value in dict(manifest=None, path_column=None, label_column=None, bin=None,
-                            multi_sep="|", holdout=0.1, in_place=False, queue=False,
-                            wait=False, limit_per_label=None, min_per_label=None, plant_mark=None,
-                            plant_fraction=0.5, plant_size=0.3).items():
-        setattr(args, attr, getattr(args, attr, value))
-    if dataset_by_name(settings, "twemoji") is None:
+    args.queue = args.wait = False
+    if dataset_by_name(settings, DATASET) is None:
+        for attr, value in dict(source="builtin:twemoji", name=DATASET, manifest=None,
+                                path_column=None, label_column=None, bin=None, multi_sep="|",
+                                holdout=0.1, in_place=False, limit_per_label=None,
+                                min_per_label=None, plant_mark=None, plant_fraction=0.5,
+                                plant_size=0.3).items():
+            setattr(args, attr, value)
         cmd_ingest(args, settings)
-    else:
-        print("Dataset 'twemoji' is already ingested.")
+    for job_id in create_rows(settings, lambda session: demo_jobs(session, settings,
+                                                                  retrain=args.retrain)):
+        result = run_job(args, settings, job_id, f"demo job {job_id}")
+        print(f"Mined run {result['run']}: {result['patches']} patches in {result['clusters']} "
+              f"clusters.", flush=True)
     cmd_serve(args, settings)
 
 
@@ -556,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--port", type=int)
         if name == "demo":
             cmd.add_argument("--seed", type=int, default=0)
+            cmd.add_argument("--retrain", action="store_true",
+                             help="train the demo models from scratch with the shipped recipe")
     return parser
 
 

@@ -1,0 +1,64 @@
+"""The demo: the builtin Twemoji dataset, mined by category and by year with the shipped
+weights (demo/weights, trained by bench/train_demo_model.py; recipe in docs/demo.md)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Job, LabelSet, MiningRun, TrainedModel
+from app.services.runs import create_model, find_dataset, find_label_set, new_run
+from app.settings import REPO_ROOT, Settings
+
+DATASET = "twemoji"
+LABEL_SETS = ("category", "year")
+WEIGHTS = REPO_ROOT / "demo" / "weights"
+#: Chosen so the whole demo, install included, stays under 10 minutes on 2 CPU cores.
+MINING = dict(preset="fast", draws=8, mine={"per_label": 100, "clusters": 8})
+#: The recipe of the shipped weights, for `diffmine demo --retrain`.
+RECIPE = dict(backend="pixel", size="small", resolution=32, steps=2000, batch_size=256, seed=0)
+
+
+def ready_run(session: Session, label_set_id: int) -> MiningRun | None:
+    return session.scalar(select(MiningRun).join(TrainedModel)
+                          .where(TrainedModel.label_set_id == label_set_id,
+                                 MiningRun.status == "ready").order_by(MiningRun.id.desc()))
+
+
+def shipped_model(session: Session, settings: Settings, label_set: LabelSet) -> TrainedModel:
+    """A model row for the shipped weights of one label set, its files copied into the data dir."""
+    source = WEIGHTS / f"{DATASET}-{label_set.name}"
+    record = json.loads((source / "training.json").read_text())
+    model = create_model(session, settings, dataset=label_set.dataset, label_set=label_set,
+                         backend="pixel", config={**RECIPE, "steps": record["steps"],
+                                                  "shipped": str(source.relative_to(REPO_ROOT))})
+    model.status, model.metrics = "ready", {"final_loss": record["final_loss"],
+                                            "steps": record["steps"], "trained_on": record["device"]}
+    target = settings.home_dir / model.weights_dir
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    return model
+
+
+def demo_jobs(session: Session, settings: Settings, *, retrain: bool) -> list[int]:
+    """Pipeline jobs for the label sets that have no mined run yet."""
+    from app.jobs import enqueue
+
+    dataset = find_dataset(session, DATASET)
+    jobs = []
+    for name in LABEL_SETS:
+        label_set = find_label_set(session, dataset, name)
+        if ready_run(session, label_set.id) is not None:
+            continue
+        if retrain:
+            model = create_model(session, settings, dataset=dataset, label_set=label_set,
+                                 backend="pixel", config=dict(RECIPE))
+        else:
+            model = shipped_model(session, settings, label_set)
+        run = new_run(session, model_id=model.id, seed=RECIPE["seed"], **MINING)
+        job: Job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id},
+                           max_attempts=5)
+        jobs.append(job.id)
+    return jobs
