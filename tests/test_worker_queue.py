@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import pytest
 from sqlalchemy import func, select
 
 from app.db import session_scope
@@ -26,10 +27,24 @@ def job(settings, job_id) -> Job:
         return session.get(Job, job_id)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_workers():
+    """No worker outlives its test, even a failed one."""
+    yield
+    for process in STARTED:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 def start_worker(settings, *extra):
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(settings.home_dir),
-                             "--poll", "0.2", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home",
+                                     str(settings.home_dir), "--poll", "0.2", *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return STARTED[-1]
 
 
 def wait_until(predicate, timeout=120, step=0.2):

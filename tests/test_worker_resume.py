@@ -24,10 +24,23 @@ def cli(home, *args, **kwargs):
                           capture_output=True, text=True, timeout=600, **kwargs)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_workers():
+    yield
+    for process in STARTED:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 def worker(home):
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(home),
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(home),
                              "--lease", "2", "--poll", "0.1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.DEVNULL))
+    return STARTED[-1]
 
 
 def results(home):
