@@ -81,3 +81,24 @@ def mined_settings(mined_template, tmp_path) -> Settings:
     from tests.mined import copy_mined_home
 
     return Settings(home=copy_mined_home(mined_template, tmp_path / "home"))
+
+
+@pytest.fixture
+def start_worker():
+    """start_worker(home, *flags) -> a real `diffmine worker` process, killed after the test."""
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+
+    def start(home, *flags):
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--home", str(home), *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)

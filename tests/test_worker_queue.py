@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-import pytest
 from sqlalchemy import func, select
 
 from app.db import session_scope
@@ -25,26 +24,6 @@ def add_job(settings, kind="ingest", priority=0, **params):
 def job(settings, job_id) -> Job:
     with session_scope(settings) as session:
         return session.get(Job, job_id)
-
-
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def stop_workers():
-    """No worker outlives its test, even a failed one."""
-    yield
-    for process in STARTED:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
-def start_worker(settings, *extra):
-    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home",
-                                     str(settings.home_dir), "--poll", "0.2", *extra],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return STARTED[-1]
 
 
 def wait_until(predicate, timeout=120, step=0.2):
@@ -92,12 +71,13 @@ def test_expired_lease_is_claimable_and_exhausted_jobs_fail(settings):
     assert "stopped responding" in job(settings, job_id).error
 
 
-def test_two_worker_processes_never_run_the_same_job(settings, tmp_path):
+def test_two_worker_processes_never_run_the_same_job(settings, tmp_path, start_worker):
     ids = []
     for i in range(6):
         archive = write_zip(tmp_path / f"{i}.zip", label_files({"a": 3, "b": 3}, start=10 * i))
         ids.append(add_job(settings, source=str(archive), name=f"set{i}", min_images_per_label=3))
-    workers = [start_worker(settings, "--exit-when-idle", "--worker-id", f"w{i}") for i in range(2)]
+    workers = [start_worker(settings.home_dir, "--poll", "0.2", "--exit-when-idle",
+                            "--worker-id", f"w{i}") for i in range(2)]
     for w in workers:
         assert w.wait(timeout=120) == 0, w.stderr.read()
     jobs = [job(settings, i) for i in ids]
@@ -106,23 +86,23 @@ def test_two_worker_processes_never_run_the_same_job(settings, tmp_path):
         assert session.scalar(select(func.count()).select_from(Dataset)) == 6
 
 
-def test_failed_job_keeps_its_error(settings, tmp_path):
+def test_failed_job_keeps_its_error(settings, tmp_path, start_worker):
     files = label_files({"a": 3, "b": 3})
     files["a/bad.png"] = b"nope"
     job_id = add_job(settings, source=str(write_zip(tmp_path / "bad.zip", files)), name="bad",
                      min_images_per_label=3)
-    assert start_worker(settings, "--exit-when-idle").wait(timeout=120) == 0
+    assert start_worker(settings.home_dir, "--poll", "0.2", "--exit-when-idle").wait(timeout=120) == 0
     failed = job(settings, job_id)
     assert failed.status == "failed" and failed.attempts == 1  # a bad file is not retried
     assert failed.error == "IngestError: a/bad.png: not an image file (Pillow cannot identify it)"
 
 
-def test_cancel_queued_and_running(settings):
+def test_cancel_queued_and_running(settings, start_worker):
     queued = add_job(settings, source="builtin:animals", name="never")
     with session_scope(settings) as session:
         assert request_cancel(session, queued).status == "cancelled"
     running = add_job(settings, source="builtin:animals", name="animals")
-    worker = start_worker(settings, "--lease", "1")
+    worker = start_worker(settings.home_dir, "--poll", "0.2", "--lease", "1")
     try:
         wait_until(lambda: (job(settings, running).progress_done or 0) > 200)
         with session_scope(settings) as session:
@@ -136,14 +116,14 @@ def test_cancel_queued_and_running(settings):
     assert job(settings, queued).status == "cancelled"
 
 
-def test_killed_worker_job_is_resumed_not_lost_or_doubled(settings):
+def test_killed_worker_job_is_resumed_not_lost_or_doubled(settings, start_worker):
     job_id = add_job(settings, source="builtin:animals", name="animals", limit_per_label=300)
-    first = start_worker(settings, "--lease", "2")
+    first = start_worker(settings.home_dir, "--poll", "0.2", "--lease", "2")
     wait_until(lambda: (job(settings, job_id).progress_done or 0) > 800)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     time.sleep(2.5)  # the dead worker's lease runs out
-    second = start_worker(settings, "--lease", "2", "--exit-when-idle")
+    second = start_worker(settings.home_dir, "--poll", "0.2", "--lease", "2", "--exit-when-idle")
     assert second.wait(timeout=300) == 0, second.stderr.read()
     resumed = job(settings, job_id)
     assert resumed.status == "succeeded" and resumed.attempts == 2
@@ -152,9 +132,9 @@ def test_killed_worker_job_is_resumed_not_lost_or_doubled(settings):
     assert not any((settings.staging_dir).rglob("*.png"))
 
 
-def test_cli_queue_and_wait(settings, tmp_path):
+def test_cli_queue_and_wait(settings, tmp_path, start_worker):
     archive = write_zip(tmp_path / "w.zip", label_files({"a": 5, "b": 5}))
-    worker = start_worker(settings)
+    worker = start_worker(settings.home_dir, "--poll", "0.2")
     try:
         done = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(archive), "--name", "w",
                                "--wait", "--json", "--home", str(settings.home_dir)],

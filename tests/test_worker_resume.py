@@ -24,25 +24,6 @@ def cli(home, *args, **kwargs):
                           capture_output=True, text=True, timeout=600, **kwargs)
 
 
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def stop_workers():
-    yield
-    for process in STARTED:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
-def worker(home):
-    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(home),
-                             "--lease", "2", "--poll", "0.1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL))
-    return STARTED[-1]
-
-
 def results(home):
     settings = Settings(home=home)
     weights = (home / "models/1/weights/unet/diffusion_pytorch_model.safetensors").read_bytes()
@@ -88,7 +69,7 @@ def ingest(home, source):
     assert cli(home, "ingest", str(source), "--name", "a", "--min-per-label", "5").returncode == 0
 
 
-def test_killed_in_training_scoring_and_mining(source, tmp_path):
+def test_killed_in_training_scoring_and_mining(source, tmp_path, start_worker):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     for home in (reference, resumed):
         ingest(home, source)
@@ -101,8 +82,8 @@ def test_killed_in_training_scoring_and_mining(source, tmp_path):
                    lambda stage, done: stage == "score" and done >= 8,
                    lambda stage, done: stage == "features" and done >= 1]
     for point in kill_points:
-        kill_when(resumed, worker(resumed), point)
-    last = worker(resumed)
+        kill_when(resumed, start_worker(resumed, "--lease", "2", "--poll", "0.1"), point)
+    last = start_worker(resumed, "--lease", "2", "--poll", "0.1")
     deadline = time.time() + 300
     while job_state(resumed)[0] in ("queued", "running") and time.time() < deadline:
         time.sleep(0.2)
