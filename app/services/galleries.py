@@ -6,7 +6,7 @@ label and hundreds of labels. Results are plain dicts, the same for a page and i
 """
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.models import (Cluster, ClusterMember, Dataset, ImageScore, Job, Label, LabelSet,
@@ -20,19 +20,27 @@ LABELS_PER_PAGE = 40
 PROFILE_MEMBERS = 100
 
 
+# The gallery's statements are built once: building a statement costs more than running it.
+_RUN_INFO = (
+    select(MiningRun.id, MiningRun.status, MiningRun.preset, MiningRun.params,
+           MiningRun.stages_done, MiningRun.created_at, MiningRun.finished_at,
+           TrainedModel.id.label("model_id"), TrainedModel.backend, TrainedModel.config,
+           TrainedModel.status.label("model_status"), TrainedModel.metrics,
+           LabelSet.id.label("label_set_id"), LabelSet.name.label("label_set"),
+           LabelSet.kind, Dataset.id.label("dataset_id"), Dataset.name.label("dataset"),
+           Dataset.source)
+    .join(TrainedModel, TrainedModel.id == MiningRun.model_id)
+    .join(LabelSet, LabelSet.id == TrainedModel.label_set_id)
+    .join(Dataset, Dataset.id == TrainedModel.dataset_id)
+    .where(MiningRun.id == bindparam("run_id")))
+_LABELS_OF_SET = (select(Label.id, Label.name, Label.image_count)
+                  .where(Label.label_set_id == bindparam("label_set_id")).order_by(Label.position))
+_LABEL_IN_SET = select(Label.id, Label.name, Label.image_count).where(
+    Label.id == bindparam("label_id"), Label.label_set_id == bindparam("label_set_id"))
+
+
 def run_info(session: Session, *, run_id: int) -> dict | None:
-    row = session.execute(
-        select(MiningRun.id, MiningRun.status, MiningRun.preset, MiningRun.params,
-               MiningRun.stages_done, MiningRun.created_at, MiningRun.finished_at,
-               TrainedModel.id.label("model_id"), TrainedModel.backend, TrainedModel.config,
-               TrainedModel.status.label("model_status"), TrainedModel.metrics,
-               LabelSet.id.label("label_set_id"), LabelSet.name.label("label_set"),
-               LabelSet.kind, Dataset.id.label("dataset_id"), Dataset.name.label("dataset"),
-               Dataset.source)
-        .join(TrainedModel, TrainedModel.id == MiningRun.model_id)
-        .join(LabelSet, LabelSet.id == TrainedModel.label_set_id)
-        .join(Dataset, Dataset.id == TrainedModel.dataset_id)
-        .where(MiningRun.id == run_id)).first()
+    row = session.connection().execute(_RUN_INFO, {"run_id": run_id}).first()
     if row is None:
         return None
     return {"id": row.id, "status": row.status, "preset": row.preset, "params": row.params,
@@ -50,14 +58,13 @@ def _short_metrics(metrics: dict | None) -> dict:
 
 
 def labels_of_set(session: Session, *, label_set_id: int) -> list[dict]:
-    return [{"id": i, "name": n, "images": c} for i, n, c in session.execute(
-        select(Label.id, Label.name, Label.image_count).where(Label.label_set_id == label_set_id)
-        .order_by(Label.position))]
+    return [{"id": i, "name": n, "images": c} for i, n, c in session.connection().execute(
+        _LABELS_OF_SET, {"label_set_id": label_set_id})]
 
 
 def label_in_set(session: Session, *, label_id: int, label_set_id: int) -> dict | None:
-    row = session.execute(select(Label.id, Label.name, Label.image_count)
-                          .where(Label.id == label_id, Label.label_set_id == label_set_id)).first()
+    row = session.connection().execute(_LABEL_IN_SET, {"label_id": label_id,
+                                          "label_set_id": label_set_id}).first()
     return {"id": row.id, "name": row.name, "images": row.image_count} if row else None
 
 
@@ -77,34 +84,44 @@ def _cluster_json(c) -> dict:
             "is_artifact": bool(c.is_artifact)}
 
 
+_CLUSTER_COLUMNS = (Cluster.id, Cluster.rank, Cluster.size, Cluster.median_typicality,
+                    Cluster.coherence, Cluster.is_artifact)
+_CLUSTERS = {artifacts: (select(*_CLUSTER_COLUMNS)
+                         .where(Cluster.run_id == bindparam("run_id"),
+                                Cluster.label_id == bindparam("label_id"),
+                                *([] if artifacts else [Cluster.is_artifact.is_(False)]))
+                         .order_by(Cluster.rank).offset(bindparam("offset")).limit(bindparam("limit")))
+             for artifacts in (False, True)}
+_MEMBERS_OF = (select(ClusterMember.cluster_id, ClusterMember.distance, *_PATCH_COLUMNS)
+               .join(Patch, Patch.id == ClusterMember.patch_id)
+               .where(ClusterMember.cluster_id.in_(bindparam("ids", expanding=True)),
+                      ClusterMember.position < bindparam("members"))
+               .order_by(ClusterMember.cluster_id, ClusterMember.position))
+_ARTIFACTS = select(func.count()).select_from(Cluster).where(
+    Cluster.run_id == bindparam("run_id"), Cluster.label_id == bindparam("label_id"),
+    Cluster.is_artifact.is_(True))
+
+
 def clusters_page(session: Session, *, run_id: int, label_id: int, offset: int = 0,
                   limit: int = CLUSTERS_PER_PAGE, members: int = MEMBERS_INLINE,
                   show_artifacts: bool = False) -> dict:
     """One page of a label's clusters in rank order, each with its first `members` patches."""
-    query = (select(Cluster.id, Cluster.rank, Cluster.size, Cluster.median_typicality,
-                    Cluster.coherence, Cluster.is_artifact)
-             .where(Cluster.run_id == run_id, Cluster.label_id == label_id)
-             .order_by(Cluster.rank).offset(offset).limit(limit + 1))
-    if not show_artifacts:
-        query = query.where(Cluster.is_artifact.is_(False))
-    rows = session.execute(query).all()
+    conn = session.connection()  # Core, not the ORM: these rows are plain tuples
+    rows = conn.execute(_CLUSTERS[show_artifacts], {"run_id": run_id, "label_id": label_id,
+                                                       "offset": offset, "limit": limit + 1}).all()
     more = len(rows) > limit
     clusters = [_cluster_json(c) for c in rows[:limit]]
     if clusters and members > 0:
         by_id = {c["id"]: c for c in clusters}
         for c in clusters:
             c["members"] = []
-        for row in session.execute(
-                select(ClusterMember.cluster_id, ClusterMember.distance, *_PATCH_COLUMNS)
-                .join(Patch, Patch.id == ClusterMember.patch_id)
-                .where(ClusterMember.cluster_id.in_(list(by_id)),
-                       ClusterMember.position < members)
-                .order_by(ClusterMember.cluster_id, ClusterMember.position)):
-            by_id[row.cluster_id]["members"].append(dict(patch_json(row), distance=row.distance))
+        for r in conn.execute(_MEMBERS_OF, {"ids": list(by_id), "members": members}):
+            by_id[r.cluster_id]["members"].append(
+                {"id": r.patch_id, "image": r.image_id, "label": r.label_id, "score": r.score,
+                 "crop": r.crop_path, "box": [r.x0, r.y0, r.x1, r.y1], "distance": r.distance})
     hidden = 0
     if not show_artifacts and offset == 0:
-        hidden = session.scalar(select(func.count()).select_from(Cluster).where(
-            Cluster.run_id == run_id, Cluster.label_id == label_id, Cluster.is_artifact.is_(True)))
+        hidden = conn.scalar(_ARTIFACTS, {"run_id": run_id, "label_id": label_id})
     return {"clusters": clusters, "offset": offset,
             "next_offset": offset + limit if more else None, "artifacts_hidden": hidden}
 

@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     app.state.settings = settings
     app.state.sync_ingest_bytes = uploads.SYNC_INGEST_BYTES
+    app.state.label_lists = {}  # rendered label menus per run (views/runs.py)
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
     # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
     # under a name.

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
+from app.db import session_scope
 from app.ingest import TWEMOJI_CREDIT
 from app.services.galleries import (CLUSTERS_PER_PAGE, MEMBERS_INLINE, active_run_jobs,
                                     clusters_page, label_in_set, labels_of_set, run_info,
                                     run_label_overview)
-from app.web.deps import SessionDep, is_htmx, render
+from fastapi.responses import JSONResponse
+from markupsafe import Markup
+
+from app.web.deps import SessionDep, is_htmx, render, templates, wants_json
 
 router = APIRouter(tags=["galleries"])
 
@@ -43,16 +47,38 @@ def run_page(request: Request, run_id: int, session: SessionDep, offset: int = Q
     return render(request, "run.html", context)
 
 
+def label_lists(request: Request, run: dict, labels: list[dict], current: int) -> dict:
+    """The label list and the compare menu as HTML, rendered once per run and kept (labels
+    never change once ingested): with hundreds of labels they cost more than the clusters."""
+    cache = request.app.state.label_lists
+    key = (run["id"], run["label_set"]["id"], len(labels))
+    if key not in cache:
+        macros = templates.env.get_template("_label_lists.html").module
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = (str(macros.nav(run, labels)), str(macros.options(labels)))
+    nav, options = cache[key]
+    return {"nav": Markup(nav.replace(f'data-id="{current}"', f'data-id="{current}" class="current"', 1)),
+            "options": Markup(options.replace(f'value="{current}">', f'value="{current}" disabled>', 1))}
+
+
 def _page_args(show_artifacts: bool) -> str:
     return "&artifacts=1" if show_artifacts else ""
 
 
 @router.get("/runs/{run_id:int}/labels/{label_id:int}",
             summary="A label's gallery: its clusters in rank order, each with its first members")
-def gallery(request: Request, run_id: int, label_id: int, session: SessionDep,
-            artifacts: bool = False, offset: int = Query(0, ge=0),
-            per_page: int = Query(CLUSTERS_PER_PAGE, ge=1, le=50),
-            members: int = Query(MEMBERS_INLINE, ge=0, le=200)):
+async def gallery(request: Request, run_id: int, label_id: int, artifacts: bool = False,
+                  offset: int = Query(0, ge=0),
+                  per_page: int = Query(CLUSTERS_PER_PAGE, ge=1, le=50),
+                  members: int = Query(MEMBERS_INLINE, ge=0, le=200)):
+    # The busiest page runs on the event loop: a few indexed SQLite reads (about a
+    # millisecond) cost less than the thread hand-offs a sync route and session would take.
+    with session_scope(request.app.state.settings) as session:
+        return _gallery(request, session, run_id, label_id, artifacts, offset, per_page, members)
+
+
+def _gallery(request, session, run_id, label_id, artifacts, offset, per_page, members):
     run = load_run(session, run_id)
     label = load_label(session, run, label_id)
     page = clusters_page(session, run_id=run_id, label_id=label_id, offset=offset, limit=per_page,
@@ -65,6 +91,9 @@ def gallery(request: Request, run_id: int, label_id: int, session: SessionDep,
     if is_htmx(request) and target != "gallery":
         return render(request, "_clusters.html", context)  # the next page of clusters
     data["labels"] = labels_of_set(session, label_set_id=run["label_set"]["id"])
+    if wants_json(request):
+        return JSONResponse(data)
+    context["lists"] = label_lists(request, run, data["labels"], label_id)
     if is_htmx(request):  # another label, same page around it
         return render(request, "_gallery.html", dict(context, fragment=True))
     return render(request, "gallery.html", context)
