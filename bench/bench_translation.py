@@ -130,7 +130,8 @@ def main() -> None:
     for name, s in summary.items():
         print(f"| {name} | {s['invert_steps']} / {s['sample_steps']} | {s['guidance']:g} "
               f"| {s['seconds_median']:.2f}, {s['seconds_max']:.2f} | {s['reconstruction_rmse']:.3f} "
-              f"| {'-' if s['vs_reference_rmse'] is None else format(s['vs_reference_rmse'], '.3f')} | {s['typicality']:+.4f} ({s['source_typicality']:+.4f}) |")
+              f"| {'-' if s['vs_reference_rmse'] is None else format(s['vs_reference_rmse'], '.3f')} "
+              f"| {s['typicality']:+.4f} ({s['source_typicality']:+.4f}) |")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "machine": platform.platform(),

@@ -81,7 +81,8 @@ def test_sampling_undoes_inversion_when_eps_does_not_depend_on_x():
             self.weight = torch.nn.Parameter(torch.ones(1))
 
         def predict_noise(self, noisy, timesteps, conditions):
-            return torch.sin(timesteps.float())[:, None, None, None].expand_as(noisy) * 0.3 + conditions[:, :1, None, None]
+            by_t = torch.sin(timesteps.float())[:, None, None, None].expand_as(noisy) * 0.3
+            return by_t + conditions[:, :1, None, None]
 
     model = Constant()
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -152,8 +152,8 @@ def translate_chunks(context, denoiser, folder: Path, chunks, num_labels: int, r
                      cotypicality=cotypicality.numpy().astype(np.float32),
                      reconstruction_error=np.array([r.reconstruction_error for r in results]))
             os.replace(temporary, target)
-        context.progress(number + 1, len(chunks), f"translated {min((number + 1) * CHUNK_IMAGES, sum(map(len, chunks)))} "
-                         "images into every label", stage="translate")
+        done = sum(len(c) for c in chunks[:number + 1])
+        context.progress(number + 1, len(chunks), f"translated {done} images into every label", stage="translate")
         context.check()
 
 
