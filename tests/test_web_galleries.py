@@ -94,3 +94,24 @@ def test_pages_read_through_indexes_not_whole_tables(mined_settings, client, url
         assert client.get(url).status_code == 200
     assert statements
     assert full_scans(mined_settings, statements) == []
+
+
+def test_cached_gallery_pages_follow_a_re_mined_run(mined_settings, client):
+    """Pages of a ready run are cached per process; a new mining (a rewritten index) or a run
+    that is not ready is read afresh."""
+    import os
+
+    first = client.get("/runs/1/labels/1.json").json()["clusters"][0]
+    with engine_for(mined_settings.db_url).begin() as conn:
+        conn.execute(text("UPDATE clusters SET median_typicality = 42 WHERE id = :id"),
+                     {"id": first["id"]})
+        conn.execute(text("UPDATE mining_runs SET status = 'mining' WHERE id = 1"))
+    assert client.get("/runs/1/labels/1.json").json()["clusters"][0]["median_typicality"] == 42
+    with engine_for(mined_settings.db_url).begin() as conn:
+        conn.execute(text("UPDATE clusters SET median_typicality = 43 WHERE id = :id"),
+                     {"id": first["id"]})
+        conn.execute(text("UPDATE mining_runs SET status = 'ready' WHERE id = 1"))
+    index = mined_settings.runs_dir / "1" / "index.faiss"
+    os.utime(index, ns=(index.stat().st_atime_ns, index.stat().st_mtime_ns + 10**9))
+    assert client.get("/runs/1/labels/1.json").json()["clusters"][0]["median_typicality"] == 43
+    assert "43" in client.get("/runs/1/labels/1").text

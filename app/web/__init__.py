@@ -12,6 +12,7 @@ from app.settings import REPO_ROOT, Settings
 from app.web.deps import templates, wants_json
 from app.web.files import ImmutableFiles
 from app.web.json_twin import JsonTwinMiddleware
+from app.web.page_cache import PageCache
 from app.web.security import SecurityMiddleware
 from app.web.views import auth, clusters, datasets, images, jobs, patches, runs, uploads
 
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sync_ingest_bytes = uploads.SYNC_INGEST_BYTES
     app.state.label_lists = {}  # rendered label menus per run (views/runs.py)
+    app.state.page_cache = PageCache()  # gallery pages of ready runs (web/page_cache.py)
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
     # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
     # under a name.

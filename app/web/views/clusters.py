@@ -10,6 +10,7 @@ from app.services.galleries import (MEMBERS_PER_PAGE, cluster_info, cluster_memb
                                     cluster_profile, labels_of_set)
 from app.services.translations import (CLUSTER_MEMBERS, cluster_translations,
                                        request_cluster_translations)
+from app.web.page_cache import touch
 from app.web.deps import CSRF, SessionDep, is_htmx, redirect, render
 from app.web.views.runs import credit_for, load_run
 
@@ -48,7 +49,8 @@ async def mark_artifact(request: Request, cluster_id: int, session: SessionDep):
     if cluster is None:
         raise HTTPException(404, f"There is no cluster {cluster_id}.")
     cluster.is_artifact = str(form.get("artifact", "1")) not in ("0", "false", "")
-    session.flush()
+    session.commit()
+    touch(request.app.state.settings.runs_dir, cluster.run_id)  # cached gallery pages are stale
     data = load_cluster(session, cluster_id)
     if is_htmx(request):
         return render(request, "_artifact.html", {"data": data, "cluster": data})

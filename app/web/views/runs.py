@@ -9,9 +9,10 @@ from app.ingest import TWEMOJI_CREDIT
 from app.services.galleries import (CLUSTERS_PER_PAGE, MEMBERS_INLINE, active_run_jobs,
                                     clusters_page, label_in_set, labels_of_set, run_info,
                                     run_label_overview)
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from markupsafe import Markup
 
+from app.web.page_cache import run_version
 from app.web.deps import SessionDep, is_htmx, render, templates, wants_json
 
 router = APIRouter(tags=["galleries"])
@@ -81,19 +82,35 @@ async def gallery(request: Request, run_id: int, label_id: int, artifacts: bool 
 def _gallery(request, session, run_id, label_id, artifacts, offset, per_page, members):
     run = load_run(session, run_id)
     label = load_label(session, run, label_id)
-    page = clusters_page(session, run_id=run_id, label_id=label_id, offset=offset, limit=per_page,
-                         members=members, show_artifacts=artifacts)
-    data = {"run": run, "label": label, "show_artifacts": artifacts, **page}
-    context = {"data": data, "run": run, "label": label, "credit": credit_for(run),
-               "more_url": f"/runs/{run_id}/labels/{label_id}?offset={page['next_offset']}"
-                           f"&per_page={per_page}&members={members}{_page_args(artifacts)}"}
-    target = request.headers.get("hx-target")
-    if is_htmx(request) and target != "gallery":
-        return render(request, "_clusters.html", context)  # the next page of clusters
-    data["labels"] = labels_of_set(session, label_set_id=run["label_set"]["id"])
+    cache = request.app.state.page_cache
+    version = run_version(request.app.state.settings.runs_dir, run)
+    key = (version, label_id, offset, per_page, members, artifacts) if version else None
+    cached = cache.get(key) if key else None
+    if cached is None:
+        page = clusters_page(session, run_id=run_id, label_id=label_id, offset=offset,
+                             limit=per_page, members=members, show_artifacts=artifacts)
+        more_url = (f"/runs/{run_id}/labels/{label_id}?offset={page['next_offset']}"
+                    f"&per_page={per_page}&members={members}{_page_args(artifacts)}")
+        # The clusters' HTML holds nothing personal (no CSRF token): made once, shared.
+        html = templates.get_template("_clusters.html").render(
+            {"data": page, "more_url": more_url, "request": request})
+        cached = {"page": page, "html": Markup(html)}
+        if key:
+            cache.put(key, cached)
+    page = cached["page"]
+    if is_htmx(request) and request.headers.get("hx-target") != "gallery" and not wants_json(request):
+        return HTMLResponse(cached["html"])  # the next page of clusters
+    labels = cache.get(("labels", version)) if version else None
+    if labels is None:
+        labels = labels_of_set(session, label_set_id=run["label_set"]["id"])
+        if version:
+            cache.put(("labels", version), labels)
+    data = {"run": run, "label": label, "show_artifacts": artifacts, **page, "labels": labels}
     if wants_json(request):
         return JSONResponse(data)
-    context["lists"] = label_lists(request, run, data["labels"], label_id)
+    context = {"data": data, "run": run, "label": label, "credit": credit_for(run),
+               "clusters_html": cached["html"],
+               "lists": label_lists(request, run, labels, label_id)}
     if is_htmx(request):  # another label, same page around it
         return render(request, "_gallery.html", dict(context, fragment=True))
     return render(request, "gallery.html", context)
