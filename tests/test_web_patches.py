@@ -51,8 +51,15 @@ def test_crop_route_makes_a_missing_crop_once(mined_settings, client):
     assert "immutable" in response.headers["cache-control"]
 
 
-def test_runs_folder_serves_pictures_only(client):
-    assert client.get("/files/runs/1/crops/1.png").status_code == 200
+def test_runs_folder_serves_pictures_only(mined_settings, client):
+    crop = client.get("/files/runs/1/crops/1.png")
+    assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
+    assert crop.content == (mined_settings.runs_dir / "1" / "crops" / "1.png").read_bytes()
+    assert "immutable" in crop.headers["cache-control"]
+    again = client.get("/files/runs/1/crops/1.png", headers={"If-None-Match": crop.headers["etag"]})
+    assert again.status_code == 304
+    assert client.get("/files/runs/1/crops/99999.png").status_code == 404
+    assert client.get("/files/runs/../../etc/passwd.png").status_code == 404
     for path in ("runs/1/features.npy", "runs/1/index.faiss", "web-secret", "diffmine.sqlite"):
         assert client.get(f"/files/{path}").status_code == 404
 
