@@ -196,6 +196,8 @@ def main() -> None:
     print(f"{labels * per_label:,} patches in {labels} labels, {clusters} clusters per label; each "
           f"request a random label's gallery page (5 clusters x 10 members = 50 patches); "
           f"wrk 2 threads, {seconds} s per line.\n")
+    print(f"Load average before: {os.getloadavg()[0]:.1f} (other processes on the machine "
+          f"compete for its cores).\n")
     print("| server | what | connections | pages/s | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for workers in args.workers:
@@ -215,6 +217,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=20)
+    print(f"\nLoad average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
