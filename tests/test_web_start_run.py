@@ -53,3 +53,26 @@ def test_stable_diffusion_needs_base_weights(client):
     response = client.post("/datasets/1/runs", data={"csrf_token": token,
                                                      "backend": "stable-diffusion"})
     assert response.status_code == 400 and "base weights" in response.text
+
+
+def test_the_job_is_committed_before_the_redirect_goes_out(mined_settings):
+    """A browser follows the redirect at once: the job must already be in the database."""
+    from sqlalchemy import func, select
+
+    app = create_app(mined_settings)
+    seen = []
+
+    async def watching(scope, receive, send):
+        async def spy(message):
+            if message["type"] == "http.response.start" and message["status"] == 303:
+                with session_scope(mined_settings) as session:
+                    seen.append(session.scalar(select(func.count()).select_from(Job)
+                                               .where(Job.kind == "pipeline")))
+            await send(message)
+        await app(scope, receive, spy)
+
+    client = TestClient(watching)
+    token = form_token(client, "/datasets/1")
+    client.post("/datasets/1/runs", data={"csrf_token": token, "steps": "20"},
+                follow_redirects=False)
+    assert seen == [1]

@@ -27,8 +27,17 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def _function_scoped(dependency):
+    """The session commits when the route returns, before the response goes out: a browser that
+    follows a POST's redirect at once must find what the POST wrote."""
+    try:
+        return Depends(dependency, scope="function")
+    except TypeError:  # FastAPI before 0.118 always closed it before the response
+        return Depends(dependency)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, _function_scoped(get_session)]
 
 
 async def require_csrf(request: Request) -> None:
