@@ -60,7 +60,8 @@ def test_runs_folder_serves_pictures_only(mined_settings, client):
     assert again.status_code == 304
     assert client.get("/files/runs/1/crops/99999.png").status_code == 404
     assert client.get("/files/runs/../../etc/passwd.png").status_code == 404
-    for path in ("runs/1/features.npy", "runs/1/index.faiss", "web-secret", "diffmine.sqlite"):
+    for path in ("runs/1/features.npy", "runs/1/index.faiss", "web-secret", "diffmine.sqlite",
+                 "models/1/weights/diffmine.json", "staging/x.png"):
         assert client.get(f"/files/{path}").status_code == 404
 
 

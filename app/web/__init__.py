@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # under a name.
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     app.mount("/files", ImmutableFiles(directory=settings.home_dir,
-                                       allowed=("images", "thumbs", "runs")), name="files")
+                                       allowed=("images", "thumbs", "runs", "models")),
+              name="files")
     for module in (datasets, uploads, jobs, runs, clusters, images, patches, auth):
         app.include_router(module.router)
     app.add_exception_handler(StarletteHTTPException, http_error)

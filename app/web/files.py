@@ -16,8 +16,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Scope
 
-#: Under runs/ only pictures are served (crops, heatmaps, translations), never maps or indexes.
+#: Under runs/ and models/ only pictures are served (crops, heatmaps, translations), never maps,
+#: indexes or weights.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+PICTURES_ONLY = ("runs", "models")
 CACHE_FOREVER = "public, max-age=31536000, immutable"
 SMALL_FILE = 256 * 1024
 
@@ -30,7 +32,8 @@ class ImmutableFiles(StaticFiles):
     async def get_response(self, path: str, scope: Scope):
         # The database and staging area sit in the same folder: never serve them.
         top = path.split("/", 1)[0]
-        if top not in self.allowed or (top == "runs" and not path.lower().endswith(IMAGE_SUFFIXES)):
+        if top not in self.allowed or (top in PICTURES_ONLY
+                                       and not path.lower().endswith(IMAGE_SUFFIXES)):
             raise HTTPException(status_code=404)
         if scope["method"] in ("GET", "HEAD"):
             try:
