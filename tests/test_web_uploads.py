@@ -37,7 +37,7 @@ def test_a_small_zip_is_ingested_at_once(settings, client):
                       holdout="0.2")
     assert response.status_code == 200 and response.url.path == "/datasets/1"
     data = client.get("/datasets/1.json").json()
-    assert data["name"] == "pets" and data["images"] == 7
+    assert data["name"] == "pets" and data["images"] == 7 and data["source"] == "upload:pets.zip"
     assert not list((settings.staging_dir / "uploads").glob("*/*"))  # the upload is gone
 
 
@@ -93,7 +93,8 @@ def test_a_larger_upload_becomes_an_ingest_job(settings, client):
     job = client.get("/jobs/1.json").json()
     assert job["status"] == "succeeded"
     assert {"url": "/datasets/1", "text": "Open dataset pets"} in job["links"]
-    assert client.get("/datasets/1.json").json()["images"] == 7
+    dataset = client.get("/datasets/1.json").json()
+    assert dataset["images"] == 7 and dataset["source"] == "upload:pets.zip"
     assert not list((settings.staging_dir / "uploads").glob("*/pets.zip"))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from app.ingest import IngestError, ingest_dataset
 from app.services.datasets import dataset_by_name
+from app.services.uploads import set_dataset_source
 from worker.context import JobContext
 
 
@@ -13,8 +14,10 @@ def run_ingest(context: JobContext) -> dict:
     params = dict(context.params)
     # An upload from the web: its staged file is removed once the ingest is over for good.
     remove_after = params.pop("remove_after", None)
+    # ...and is recorded by its name in the browser ("upload:photos.zip"), not the staged path.
+    display_source = params.pop("display_source", None)
     existing = dataset_by_name(context.settings, params["name"])
-    if existing is not None and existing["source"] == params["source"]:
+    if existing is not None and existing["source"] in (params["source"], display_source):
         # A previous attempt committed and then lost its worker: the ingest is done.
         return {"dataset": existing["name"], "images": existing["images"], "resumed": True}
     # An ingest is all-or-nothing, so it is not preempted halfway.
@@ -30,6 +33,8 @@ def run_ingest(context: JobContext) -> dict:
         _remove_upload(context, remove_after)  # bad input: a retry would fail the same way
         raise
     _remove_upload(context, remove_after)
+    if display_source:
+        set_dataset_source(context.settings, report.dataset, display_source)
     return report.as_json()
 
 

@@ -16,6 +16,7 @@ from app.db import session_scope
 from app.ingest import IngestError, ingest_dataset
 from app.ingest.sources import ZipLimits, check_zip
 from app.jobs import enqueue
+from app.services.uploads import set_dataset_source
 from app.web.deps import SettingsDep, is_htmx, redirect, render, templates, wants_json
 from app.web.security import CSRF_FIELD, CSRF_HEADER, csrf_ok
 from app.web.upload_stream import StreamedForm, UploadError, human_bytes, stream_form
@@ -127,6 +128,7 @@ async def _ingest_or_queue(request: Request, settings, form: StreamedForm, optio
                 check_zip(archive, ZipLimits(settings.max_zip_entries, settings.max_upload_bytes,
                                              settings.max_zip_ratio))
             params["source"] = str(form.file_path)
+            params["display_source"] = f"upload:{form.file_path.name}"
             if server_path:
                 raise UploadError(400, "Send a zip or give a server folder, not both (a server "
                                        "folder goes with an uploaded manifest).")
@@ -158,7 +160,12 @@ async def _ingest_or_queue(request: Request, settings, form: StreamedForm, optio
 
 
 def _ingest_now(settings, params: dict) -> dict:
-    return ingest_dataset(settings, **params).as_json()
+    params = dict(params)
+    display_source = params.pop("display_source", None)
+    report = ingest_dataset(settings, **params).as_json()
+    if display_source:
+        set_dataset_source(settings, report["dataset"], display_source)
+    return report
 
 
 def _refused(request: Request, settings, status: int, message: str, path: str | None,
