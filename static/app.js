@@ -11,6 +11,22 @@
     bar.value = Math.round(100 * event.detail.loaded / event.detail.total);
   });
 
+  // A file over the server's limit is refused here, before minutes of uploading.
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var form = event.target.closest && event.target.closest("#upload-form");
+    if (!form) return;
+    var input = form.querySelector("input[type=file]");
+    var file = input && input.files && input.files[0];
+    var note = form.querySelector("#upload-too-large");
+    note.hidden = true;
+    if (file && file.size > Number(form.dataset.maxBytes)) {
+      event.preventDefault();
+      note.textContent = file.name + " is larger than the upload limit of " + form.dataset.maxText +
+        ": put it on the server and give its folder path instead.";
+      note.hidden = false;
+    }
+  });
+
   // Label list: filter as you type; mark the label being shown.
   document.addEventListener("input", function (event) {
     if (!event.target.classList.contains("label-filter")) return;

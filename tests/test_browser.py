@@ -114,6 +114,11 @@ def test_upload_run_browse_and_translate(server, browser, tmp_path):
     shot("01-home-empty")
     page.fill("input[name=name]", "animals")
     page.set_input_files("input[name=file]", str(archive))
+    # A file over the limit is refused in the page, before it is sent.
+    page.evaluate("document.querySelector('#upload-form').dataset.maxBytes = '100'")
+    page.click("#upload-form button[type=submit]")
+    expect(page.locator("#upload-too-large")).to_contain_text("animals.zip is larger than")
+    page.evaluate("document.querySelector('#upload-form').dataset.maxBytes = '1000000000'")
     page.click("#upload-form button[type=submit]")
     page.wait_for_url("**/datasets/1")
     expect(page.locator("h1")).to_have_text("animals")
