@@ -70,6 +70,17 @@ class ConditionalDenoiser(torch.nn.Module, abc.ABC):
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "ConditionalDenoiser":
         """Load what `save` wrote."""
 
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode without autograd for the block; the training flag is restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.train(was_training)
+
     # --- intermediate features, through a hook rather than a copy of the forward pass -------
     @contextmanager
     def capture(self, module_name: str = "up_blocks.1") -> Iterator[list[torch.Tensor]]:

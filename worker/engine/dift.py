@@ -18,8 +18,7 @@ generator re-seeded per image, so an image's features do not depend on its batch
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ def dift_feature_map(denoiser: ConditionalDenoiser, images: torch.Tensor, condit
     device = next(denoiser.parameters()).device
     timestep = dift_timestep(denoiser, t)
 
-    with _inference(denoiser):
+    with denoiser.inference():
         latents = _encode(denoiser, images.to(device), seed)
         noise = torch.randn((draws, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
         noise = noise.to(device, latents.dtype)
@@ -155,12 +154,3 @@ def _encode(denoiser: ConditionalDenoiser, images: torch.Tensor, seed: int) -> t
                       for image in images])
 
 
-@contextmanager
-def _inference(denoiser: ConditionalDenoiser) -> Iterator[None]:
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        denoiser.train(was_training)

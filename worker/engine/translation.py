@@ -127,7 +127,7 @@ def ddim_invert(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition:
     grid = ddim_timesteps(steps, denoiser.num_train_timesteps).flip(0).tolist()  # ascending
     path: dict[int, torch.Tensor] = {}
     x, previous = latents, -1
-    with _inference(denoiser):
+    with denoiser.inference():
         for number, t in enumerate(grid, 1):
             eps = _guided_eps(denoiser, x, t, conditions, guidance, null)
             x = _ddim_step(x, eps, _alpha(alpha_bars, previous), _alpha(alpha_bars, t))
@@ -156,7 +156,7 @@ def ddim_sample(denoiser: ConditionalDenoiser, noise: torch.Tensor, conditions: 
     null = _rows(null if null is not None else torch.zeros(conditions.shape[1]), len(x), device)
     alpha_bars = _alpha_bars(denoiser)
     grid = ddim_timesteps(steps, denoiser.num_train_timesteps).tolist()[start:]
-    with _inference(denoiser), (source.hooks() if source is not None else _nothing()):
+    with denoiser.inference(), (source.hooks() if source is not None else _nothing()):
         for number, t in enumerate(grid):
             after = grid[number + 1] if number + 1 < len(grid) else -1
             if source is None:
@@ -287,7 +287,7 @@ def translate_batch(denoiser: ConditionalDenoiser, images: torch.Tensor, source_
         sample_steps - min(max(int(sample_steps * sdedit_strength), 1), sample_steps)
     inverting = 0 if sdedit_strength is not None else invert_steps
     report = _offset_progress(progress, inverting + sample_steps - start)
-    with _inference(denoiser):
+    with denoiser.inference():
         latents = torch.cat([denoiser.encode(image[None]) for image in images])
         path = None
         if sdedit_strength is None:
@@ -329,12 +329,3 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-@contextmanager
-def _inference(denoiser: ConditionalDenoiser) -> Iterator[None]:
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        denoiser.train(was_training)
