@@ -3,7 +3,6 @@ imports torch or runs a model."""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,5 +55,3 @@ async def http_error(request: Request, exc: StarletteHTTPException):
                                       {"data": {"detail": exc.detail, "status": exc.status_code}},
                                       status_code=exc.status_code, headers=headers)
 
-
-__all__ = ["create_app", "RequestValidationError"]
