@@ -13,7 +13,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 
 from app.db import session_scope
-from app.models import ImageLabel, ImageScore, Label, MiningRun, TrainedModel
+from app.models import ImageLabel, ImageScore, MiningRun, TrainedModel
 from app.services.runs import examples, labels_of
 from worker.context import JobContext
 from worker.handlers.evaluate import denoiser_resolution
@@ -47,7 +47,7 @@ def run_score(context: JobContext) -> dict:
         shard_file = maps_dir / f"shard-{shard[0].image_id:09d}.npz"
         if not shard_file.exists():
             score_shard(context, denoiser, shard, label_ids, shard_file, run_id=run_id,
-                        params=params, preset_name=params["preset"])
+                        params=params)
         done, after_id = done + len(shard), shard[-1].image_id
         context.progress(done, total, f"{done}/{total} images", stage="score")
         context.check()
@@ -67,7 +67,7 @@ def preset_for(params: dict):
 
 
 def score_shard(context, denoiser, shard, label_ids, shard_file: Path, *, run_id: int,
-                params: dict, preset_name: str) -> None:
+                params: dict) -> None:
     import torch
 
     from worker.engine.data import ImageDataset, multi_hot

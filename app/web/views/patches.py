@@ -83,13 +83,19 @@ def translate(request: Request, patch_id: int, session: SessionDep):
                     data={"translation": translation.id, "job": job_id})
 
 
-@router.get("/translations/{translation_id:int}",
-            summary="A translation: progress until ready, then the element in every label")
-def translation_page(request: Request, translation_id: int, session: SessionDep):
+def load_translation(session, translation_id: int):
+    """The translation row and its JSON (with its job's progress), or a 404."""
     translation = session.get(Translation, translation_id)
     if translation is None:
         raise HTTPException(404, f"There is no translation {translation_id}.")
-    data = translation_json(translation, jobs_for(session, [translation.id]).get(translation.id))
+    return translation, translation_json(translation,
+                                         jobs_for(session, [translation.id]).get(translation.id))
+
+
+@router.get("/translations/{translation_id:int}",
+            summary="A translation: progress until ready, then the element in every label")
+def translation_page(request: Request, translation_id: int, session: SessionDep):
+    translation, data = load_translation(session, translation_id)
     patch = patch_info(session, patch_id=translation.patch_id) if translation.patch_id else None
     run = load_run(session, patch["run"]) if patch else None
     image = session.get(Image, translation.image_id)
@@ -101,8 +107,5 @@ def translation_page(request: Request, translation_id: int, session: SessionDep)
 @router.get("/translations/{translation_id:int}/panel",
             summary="The translation's progress or grid (polled by the page)")
 def translation_panel(request: Request, translation_id: int, session: SessionDep):
-    translation = session.get(Translation, translation_id)
-    if translation is None:
-        raise HTTPException(404, f"There is no translation {translation_id}.")
-    data = translation_json(translation, jobs_for(session, [translation.id]).get(translation.id))
+    translation, data = load_translation(session, translation_id)
     return render(request, "_translation.html", {"data": data, "translation": data})
