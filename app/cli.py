@@ -112,7 +112,7 @@ def run_job(args, settings: Settings, job_id: int, description: str) -> dict:
 
 
 def create_rows(settings: Settings, launch) -> int:
-    """Run `launch(session)` (which creates rows and a job) and return the job id."""
+    """Run `launch(session)` (which creates rows, usually a job) and return what it returns."""
     from app.db import session_scope, upgrade
     from app.services.runs import NotFound
 
@@ -131,10 +131,7 @@ def cmd_train(args, settings: Settings) -> dict:
     if args.base and args.backend == "pixel" and not os.path.isdir(args.base):
         raise CommandError(f"--base {args.base}: no such model folder")
     job_id = create_rows(settings, lambda session: launch_train(
-        session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
-        seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
-        batch_size=args.batch_size, size=args.size,
-        checkpoint_every=args.checkpoint_every)[1].id)
+        session, settings, **train_options(args))[1].id)
     result = run_job(args, settings, job_id, "train")
     if not args.json and "model" in result:
         accuracy = result.get("classifier_accuracy")
@@ -142,6 +139,13 @@ def cmd_train(args, settings: Settings) -> dict:
               f"{result['final_loss']:.4f}"
               + (f", holdout classifier accuracy {accuracy:.1%}" if accuracy is not None else ""))
     return result
+
+
+def train_options(args) -> dict:
+    return dict(dataset=args.dataset, label_set=args.label_set, backend=args.backend, seed=args.seed,
+                base=args.base, resolution=args.resolution, steps=args.steps,
+                batch_size=args.batch_size, size=args.size, lr=args.lr,
+                checkpoint_every=args.checkpoint_every)
 
 
 @command("score")
@@ -159,19 +163,40 @@ def cmd_score(args, settings: Settings) -> dict:
 
 @command("mine")
 def cmd_mine(args, settings: Settings) -> dict:
-    from app.services.runs import launch_mine
+    from app.services.runs import launch_mine, launch_recluster
 
-    job_id = create_rows(settings, lambda session: launch_mine(
-        session, run_id=args.run, mine=mine_options(args)).id)
-    result = run_job(args, settings, job_id, "mine")
+    if args.recluster:
+        launch = lambda session: launch_recluster(session, run_id=args.run).id  # noqa: E731
+    else:
+        launch = lambda session: launch_mine(session, run_id=args.run, mine=mine_options(args)).id  # noqa: E731
+    result = run_job(args, settings, create_rows(settings, launch), "mine")
     if not args.json and "patches" in result:
-        print(f"Run {result['run']}: {result['patches']} patches in {result['clusters']} clusters")
+        print(f"Run {result['run']}: {result['patches']} patches in {result['clusters']} clusters"
+              + (f" ({result['artifact_clusters']} marked as artifacts)"
+                 if result.get("artifact_clusters") else ""))
     return result
 
 
 def mine_options(args) -> dict:
     return {"patch_size": args.patch_size, "per_label": args.per_label, "clusters": args.clusters,
-            "per_image": args.per_image, "selection": args.selection}
+            "per_image": args.per_image, "selection": args.selection,
+            "trend_members": args.trend_members}
+
+
+@command("artifact")
+def cmd_artifact(args, settings: Settings) -> dict:
+    from app.services.runs import mark_artifact
+
+    def mark(session):
+        cluster = mark_artifact(session, cluster_id=args.cluster, artifact=not args.unmark)
+        return {"cluster": cluster.id, "run": cluster.run_id, "is_artifact": cluster.is_artifact}
+
+    result = create_rows(settings, mark)
+    if not args.json:
+        state = "marked as an artifact" if result["is_artifact"] else "no longer an artifact"
+        print(f"Cluster {result['cluster']} {state}; re-cluster without its look-alikes: "
+              f"diffmine mine {result['run']} --recluster")
+    return result
 
 
 @command("run")
@@ -179,9 +204,7 @@ def cmd_run(args, settings: Settings) -> dict:
     from app.services.runs import launch_pipeline
 
     job_id = create_rows(settings, lambda session: launch_pipeline(
-        session, settings, dataset=args.dataset, label_set=args.label_set, backend=args.backend,
-        seed=args.seed, base=args.base, resolution=args.resolution, steps=args.steps,
-        batch_size=args.batch_size, size=args.size, checkpoint_every=args.checkpoint_every,
+        session, settings, **train_options(args),
         preset=args.preset, draws=args.draws, shard_size=args.shard_size,
         all_labels=args.all_labels, mine=mine_options(args))[2].id)
     result = run_job(args, settings, job_id, "train, score, mine")
@@ -483,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--size", choices=("tiny", "small", "base"), help="pixel model width")
     train.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-4, the fine-tuning recipe's; "
+                                                  "a pixel model trained from scratch learns faster at 1e-3)")
     train.add_argument("--seed", type=int, default=0)
     add_queue_flags(train)
 
@@ -499,7 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     mine = sub.add_parser("mine", parents=[common], help="patches, features and clusters of a run")
     mine.add_argument("run", type=int, help="run id (from diffmine score)")
     add_mine_flags(mine)
+    mine.add_argument("--recluster", action="store_true",
+                      help="only cluster again, leaving out look-alikes of artifact clusters")
     add_queue_flags(mine)
+
+    artifact = sub.add_parser("artifact", parents=[common],
+                              help="mark a cluster as a dataset artifact (scanner border, watermark)")
+    artifact.add_argument("cluster", type=int)
+    artifact.add_argument("--unmark", action="store_true", help="take the mark back")
 
     run = sub.add_parser("run", parents=[common], help="train, score and mine in one go")
     run.add_argument("dataset")
@@ -572,6 +604,8 @@ def add_mine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-label", type=int, help="patches kept per label (paper: 1000)")
     parser.add_argument("--per-image", type=int, help="boxes per image (paper: 5)")
     parser.add_argument("--clusters", type=int, help="k-means clusters per label (paper: 32)")
+    parser.add_argument("--trend-members", type=int,
+                        help="ordered labels: members per cluster scored under every label (default 16)")
     parser.add_argument("--selection", choices=("typical", "least", "random"),
                         help="which patches: the most typical (the method), or a baseline")
 

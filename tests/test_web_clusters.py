@@ -2,9 +2,10 @@
 the artifact mark, which persists and hides the cluster from the gallery."""
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func
 
 from app.db import session_scope
-from app.models import Cluster
+from app.models import Cluster, MiningRun
 from app.web import create_app
 from tests.web_helpers import form_token
 
@@ -72,3 +73,42 @@ def test_marking_an_artifact_persists_and_hides_it_from_the_gallery(mined_settin
 
 def test_unknown_cluster_is_404(client):
     assert client.get("/clusters/999.json").status_code == 404
+
+
+def test_recluster_leaves_out_look_alikes_and_keeps_the_mark(mined_settings, client, start_worker):
+    from sqlalchemy import select
+
+    from app.models import ClusterMember, Job
+
+    token = form_token(client, "/clusters/1")
+    client.post("/clusters/1/artifact", data={"artifact": "1", "csrf_token": token})
+    with session_scope(mined_settings) as session:
+        marked = set(session.scalars(select(ClusterMember.patch_id)
+                                     .where(ClusterMember.cluster_id == 1)).all())
+    page = client.get("/runs/1/labels/1").text
+    assert 'action="/runs/1/recluster"' in page
+    response = client.post("/runs/1/recluster", data={"csrf_token": form_token(client, "/runs/1/labels/1")})
+    assert response.status_code == 200 and response.url.path == "/runs/1"
+    with session_scope(mined_settings) as session:
+        job = session.scalars(select(Job).order_by(Job.id.desc())).first()
+        assert (job.kind, job.params) == ("mine", {"run_id": 1})
+        assert "clusters" not in session.get(MiningRun, 1).stages_done
+    worker = start_worker(mined_settings.home_dir, "--exit-when-idle", "--poll", "0.2")
+    assert worker.wait(timeout=300) == 0, worker.stderr.read()
+    with session_scope(mined_settings) as session:
+        assert session.get(Job, job.id).status == "succeeded"
+        artifact = session.get(Cluster, 1)  # the mark persists, with its members, ranked last
+        assert artifact.is_artifact and artifact.rank == session.scalar(
+            select(func.max(Cluster.rank)).where(Cluster.run_id == 1, Cluster.label_id == artifact.label_id))
+        others = set(session.scalars(select(ClusterMember.patch_id).join(Cluster)
+                                     .where(Cluster.run_id == 1, Cluster.id != 1)).all())
+        assert session.scalar(select(func.count()).where(ClusterMember.cluster_id == 1)) == len(marked)
+    assert marked and not marked & others  # its members (and their look-alikes) left every cluster
+    assert 1 not in [c["id"] for c in client.get("/runs/1/labels/1.json").json()["clusters"]]
+
+
+def test_recluster_before_features_is_refused(mined_settings, client):
+    with session_scope(mined_settings) as session:
+        session.get(MiningRun, 1).stages_done = ["score"]
+    response = client.post("/runs/1/recluster", data={"csrf_token": form_token(client, "/clusters/1")})
+    assert response.status_code == 409 and "no features yet" in response.text

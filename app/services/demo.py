@@ -15,8 +15,10 @@ from app.settings import REPO_ROOT, Settings
 DATASET = "twemoji"
 LABEL_SETS = ("category", "year")
 WEIGHTS = REPO_ROOT / "demo" / "weights"
-#: Chosen so the whole demo, install included, stays under 10 minutes on 2 CPU cores.
-MINING = dict(preset="fast", draws=8, mine={"per_label": 100, "clusters": 8})
+#: Chosen so the whole demo, install included, stays under 10 minutes on 2 CPU cores
+#: (measured in docs/demo.md). Year trends: 3 members per cluster under all 11 years, 4 draws.
+MINING = dict(preset="fast", draws=4, mine={"per_label": 100, "clusters": 8, "trend_members": 3,
+                                            "trend_draws": 4})
 #: The recipe of the shipped weights, for `diffmine demo --retrain`.
 RECIPE = dict(backend="pixel", size="small", resolution=32, steps=2000, batch_size=256, seed=0)
 

@@ -3,8 +3,9 @@
 The JSON layout is stable (docs/export.md)::
 
     {"run": {...parameters...},
-     "labels": [{"name": str, "clusters": [{"rank": int, "median_typicality": float,
-                 "coherence": float, "members": [{"image": original relative path,
+     "labels": [{"name": str, "clusters": [{"id": int, "rank": int, "median_typicality": float,
+                 "coherence": float, "size": int, "is_artifact": bool, "trend": {label: float} | null,
+                 "members": [{"image": original relative path,
                  "box": [x0, y0, x1, y1] in original image pixels, "typicality": float}]}]}],
      "images": [{"image": original relative path, "split": str,
                  "scores": {label: image-level typicality, ...}}]}
@@ -67,9 +68,10 @@ def label_clusters(settings: Settings, run_id: int, label_id: int, *, max_cluste
                        .join(Image, Image.id == Patch.image_id)
                        .where(ClusterMember.cluster_id == cluster.id).order_by(ClusterMember.position))
             rows = session.execute(members.limit(max_members) if max_members else members).all()
-            out.append({"rank": cluster.rank, "median_typicality": cluster.median_typicality,
+            out.append({"id": cluster.id, "rank": cluster.rank,
+                        "median_typicality": cluster.median_typicality,
                         "coherence": cluster.coherence, "size": cluster.size,
-                        "is_artifact": cluster.is_artifact,
+                        "is_artifact": cluster.is_artifact, "trend": cluster.trend,
                         "members": [{"image": path, "box": [x0, y0, x1, y1], "typicality": score,
                                      "crop": crop} for path, x0, y0, x1, y1, score, crop in rows]})
         return out

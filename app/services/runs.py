@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import (Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun,
+from app.models import (Cluster, Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun,
                         TrainedModel)
 from app.settings import Settings
 
@@ -144,6 +144,31 @@ def launch_mine(session: Session, *, run_id: int, mine: dict) -> Job:
     run.params = {**run.params, "mine": {k: v for k, v in mine.items() if v is not None}}
     run.stages_done = [s for s in run.stages_done if s == "score"]
     return enqueue(session, kind="mine", params={"run_id": run.id})
+
+
+def launch_recluster(session: Session, *, run_id: int) -> Job:
+    """Clusters (and trends) again, leaving out look-alikes of the run's artifact clusters.
+
+    Patches, features and crops are kept: no image is rescored or re-embedded."""
+    from app.jobs import enqueue
+
+    run = session.get(MiningRun, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    if "features" not in (run.stages_done or []):
+        raise ValueError(f"run {run_id} has no features yet (status {run.status}); run: diffmine mine")
+    run.stages_done = [s for s in run.stages_done if s not in ("clusters", "trends")]
+    return enqueue(session, kind="mine", params={"run_id": run.id})
+
+
+def mark_artifact(session: Session, *, cluster_id: int, artifact: bool = True) -> Cluster:
+    """Mark (or unmark) a cluster as a dataset artifact; it leaves the galleries at once and
+    its look-alikes leave every label's clusters at the next `launch_recluster`."""
+    cluster = session.get(Cluster, cluster_id)
+    if cluster is None:
+        raise NotFound(f"no cluster {cluster_id}")
+    cluster.is_artifact = artifact
+    return cluster
 
 
 def launch_pipeline(session: Session, settings: Settings, *, dataset: str | int,

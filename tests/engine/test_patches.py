@@ -224,3 +224,17 @@ def test_box_to_model_inverts_box_to_original():
 def test_box_to_original_of_the_whole_model_image_is_the_center_crop():
     x0, y0, x1, y1 = box_to_original((0, 0, 32, 32), 32, (96, 64))  # resized to 48x32, crop from x=8
     assert (x0, y0, x1, y1) == pytest.approx((16.0, 0.0, 80.0, 64.0))
+
+
+@pytest.mark.parametrize("original", [(28, 28), (72, 72), (100, 60), (33, 500)])
+def test_model_top_left_recovers_the_grid_position_of_a_stored_box(original):
+    import math
+
+    from worker.engine.patches import box_to_original, model_top_left
+
+    size, k = 32, 6
+    for x in range(0, size - k + 1, 3):
+        for y in range(0, size - k + 1, 5):
+            x0, y0, x1, y1 = box_to_original((x, y, x + k, y + k), size, original)
+            stored = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
+            assert model_top_left(stored, size, original, k) == (x, y), (x, y, stored)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from worker.engine.denoiser import ConditionalDenoiser
 from worker.engine.presets import FAST as TYPICALITY_FAST
 from worker.engine.registry import create_pixel_denoiser
 from worker.engine.training import train
@@ -73,6 +74,7 @@ def test_sampling_undoes_inversion_when_eps_does_not_depend_on_x():
     that inversion and sampling walk the same grid."""
     class Constant(torch.nn.Module):
         num_labels, num_train_timesteps, backend = 2, 1000, "pixel"
+        inference = ConditionalDenoiser.inference
 
         def __init__(self):
             super().__init__()

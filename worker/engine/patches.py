@@ -322,3 +322,22 @@ def box_to_model(box: Sequence[float], model_size: int, original_size: Sequence[
     scale_x, scale_y, left, top = _crop_geometry(model_size, original_size)
     x0, y0, x1, y1, *rest = box
     return (x0 * scale_x - left, y0 * scale_y - top, x1 * scale_x - left, y1 * scale_y - top, *rest)
+
+
+def model_top_left(stored_box: Sequence[int], model_size: int, original_size: Sequence[int],
+                   patch_size: int) -> tuple[int, int]:
+    """The k x k box's top-left on the model grid from its stored (outward-rounded) original box.
+
+    Rounding outward loses up to an original pixel, more than half a model pixel when the
+    original is smaller than the model's view, so `round(box_to_model(...))` can land one off;
+    the neighbour whose own outward rounding reproduces the stored box is the one.
+    """
+    x, y = box_to_model(stored_box[:4], model_size, original_size)[:2]
+    for dy in (0, 1, -1):
+        for dx in (0, 1, -1):
+            top_left = (round(x) + dx, round(y) + dy)
+            x0, y0, x1, y1 = box_to_original((*top_left, top_left[0] + patch_size, top_left[1] + patch_size),
+                                             model_size, original_size)
+            if (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)) == tuple(stored_box[:4]):
+                return top_left
+    return round(x), round(y)

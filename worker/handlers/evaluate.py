@@ -118,8 +118,8 @@ def upsampled_map(settings, map_path: str, resolution: int):
 
 def mark_overlap(context: JobContext, run_id: int) -> dict:
     """Per label with planted marks: the fraction of its top cluster's members (and of all its
-    mined patches) whose box overlaps a mark."""
-    from sqlalchemy import select
+    mined patches) whose box overlaps a mark. Clusters marked as artifacts do not count."""
+    from sqlalchemy import and_, func, select
 
     from app.models import Cluster, ClusterMember, Image, Label, Patch
 
@@ -128,9 +128,13 @@ def mark_overlap(context: JobContext, run_id: int) -> dict:
             select(Label.name, Patch.id, Patch.x0, Patch.y0, Patch.x1, Patch.y1, Image.extra)
             .join(Patch, Patch.label_id == Label.id).join(Image, Image.id == Patch.image_id)
             .where(Patch.run_id == run_id)).all()
+        kept = (Cluster.run_id == run_id, Cluster.is_artifact.is_(False))
+        first = (select(Cluster.label_id, func.min(Cluster.rank).label("rank")).where(*kept)
+                 .group_by(Cluster.label_id).subquery())
         top = set(session.scalars(
             select(ClusterMember.patch_id).join(Cluster, Cluster.id == ClusterMember.cluster_id)
-            .where(Cluster.run_id == run_id, Cluster.rank == 0)))
+            .join(first, and_(first.c.label_id == Cluster.label_id, first.c.rank == Cluster.rank))
+            .where(*kept)))
     per_label: dict[str, dict] = {}
     for label, patch_id, x0, y0, x1, y1, extra in rows:
         marks = [b for b in (extra or {}).get("boxes", []) if len(b) > 4 and b[4] == "mark"]

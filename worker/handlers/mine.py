@@ -3,6 +3,9 @@
 Each stage writes its results whole (rows replaced in one transaction, files renamed into
 place) and is recorded in `MiningRun.stages_done`, so a resumed job starts at the first stage
 not done; the features stage also resumes batch by batch.
+
+Clusters the user marked as artifacts survive re-clustering (`launch_recluster`): their
+members' look-alikes are left out of every label's clusters, and no image is rescored.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, LabelSet, MiningRun, Patch, TrainedModel
@@ -20,9 +23,14 @@ from app.services.runs import labels_of
 from worker.context import JobContext
 from worker.handlers.models import load_trained
 
-STAGES = ("patches", "features", "clusters", "crops")
+STAGES = ("patches", "features", "clusters", "crops", "trends")
 FEATURE_BATCH = 16
 CROP_PX = 96
+#: Members per cluster whose typicality under every label makes its trend (ordered labels).
+TREND_MEMBERS = 16
+#: Cosine similarity, on features centred on the run's mean, above which a patch counts as a
+#: look-alike of a marked artifact (the same centring as the near-duplicate merge).
+LOOKALIKE_THRESHOLD = 0.6
 
 
 class RunInfo:
@@ -52,6 +60,9 @@ class RunInfo:
         # "typical" is the method; "least" (-T) and "random" are its baselines, same pipeline.
         self.selection = mine.get("selection") or "typical"
         self.merge_threshold = float(mine.get("merge_threshold") or 0.95)
+        self.lookalike_threshold = float(mine.get("lookalike_threshold") or LOOKALIKE_THRESHOLD)
+        self.trend_members = int(mine.get("trend_members") or TREND_MEMBERS)
+        self.trend_draws = mine.get("trend_draws")
         self.seed = int(self.params.get("seed", 0))
 
 
@@ -60,9 +71,9 @@ def run_mine(context: JobContext) -> dict:
     if "score" not in info.stages_done:
         raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
     stage_functions = {"patches": mine_patches, "features": mine_features,
-                       "clusters": mine_clusters, "crops": mine_crops}
+                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends}
     for stage in STAGES:
-        if stage in info.stages_done:
+        if stage in info.stages_done or (stage == "trends" and not info.ordinal):
             continue
         set_run_status(context, info.run_id, "mining")
         stage_functions[stage](context, info)
@@ -73,8 +84,12 @@ def run_mine(context: JobContext) -> dict:
         run = session.get(MiningRun, info.run_id)
         run.status = "ready"
         patches = session.query(Patch).filter(Patch.run_id == info.run_id).count()
-        clusters = session.query(Cluster).filter(Cluster.run_id == info.run_id).count()
-    return {"run": info.run_id, "patches": patches, "clusters": clusters}
+        clusters = session.query(Cluster).filter(Cluster.run_id == info.run_id,
+                                                 Cluster.is_artifact.is_(False)).count()
+        artifacts = session.query(Cluster).filter(Cluster.run_id == info.run_id,
+                                                  Cluster.is_artifact.is_(True)).count()
+    return {"run": info.run_id, "patches": patches, "clusters": clusters,
+            "artifact_clusters": artifacts}
 
 
 def set_run_status(context, run_id: int, status: str) -> None:
@@ -234,10 +249,13 @@ def write_index(context, info: RunInfo, parts: list[Path]) -> None:
 def mine_clusters(context: JobContext, info: RunInfo) -> None:
     """k-means per label; near-duplicate clusters merged; ranked by median typicality.
 
-    Everything is computed first and written in one short transaction at the end: a write
-    transaction held across the computation would block the job's own progress reports."""
+    Clusters marked as artifacts are kept as they are, ranked after the others, and their
+    members' look-alikes are left out of the new clusters. Everything is computed first and
+    written in one short transaction at the end: a write transaction held across the
+    computation would block the job's own progress reports."""
     features = np.load(info.dir / "features.npy", mmap_mode="r")
     run_mean = column_mean(features)
+    artifacts = artifact_features(context, info, features) - run_mean
     clusters = []
     for number, (label_id, _) in enumerate(info.labels, 1):
         with session_scope(context.settings) as session:
@@ -246,15 +264,42 @@ def mine_clusters(context: JobContext, info: RunInfo) -> None:
                                           Patch.feature_row.is_not(None))
                                    .order_by(Patch.id)).all()
         if rows:
-            clusters += cluster_label(info, label_id, rows, features, run_mean)
+            clusters += cluster_label(info, label_id, rows, features, run_mean, artifacts)
         context.progress(number, len(info.labels), "clusters", stage="clusters")
         context.check()
     with session_scope(context.settings) as session:
-        session.execute(delete(Cluster).where(Cluster.run_id == info.run_id))
+        session.execute(delete(Cluster).where(Cluster.run_id == info.run_id,
+                                              Cluster.is_artifact.is_(False)))
         for cluster, members in clusters:
             session.add(cluster)
             session.flush()
             session.execute(insert(ClusterMember), [dict(m, cluster_id=cluster.id) for m in members])
+        rank_artifacts_last(session, info.run_id)
+
+
+def artifact_features(context, info: RunInfo, features: np.ndarray) -> np.ndarray:
+    """Features of the members of the run's artifact clusters, [n, d] (n may be 0)."""
+    with session_scope(context.settings) as session:
+        rows = session.scalars(select(Patch.feature_row)
+                               .join(ClusterMember, ClusterMember.patch_id == Patch.id)
+                               .join(Cluster, Cluster.id == ClusterMember.cluster_id)
+                               .where(Cluster.run_id == info.run_id, Cluster.is_artifact.is_(True),
+                                      Patch.feature_row.is_not(None))
+                               .order_by(Patch.feature_row)).all()
+    return np.asarray(features[list(rows)], dtype=np.float32).reshape(len(rows), features.shape[1])
+
+
+def rank_artifacts_last(session, run_id: int) -> None:
+    """Artifact clusters keep their members but move behind each label's new clusters."""
+    kept = session.scalars(select(Cluster).where(Cluster.run_id == run_id,
+                                                 Cluster.is_artifact.is_(True))
+                           .order_by(Cluster.label_id, Cluster.rank)).all()
+    counts = dict(session.execute(select(Cluster.label_id, func.count())
+                                  .where(Cluster.run_id == run_id, Cluster.is_artifact.is_(False))
+                                  .group_by(Cluster.label_id)).all())
+    for cluster in kept:
+        cluster.rank = counts.get(cluster.label_id, 0)
+        counts[cluster.label_id] = cluster.rank + 1
 
 
 def column_mean(matrix: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -265,14 +310,18 @@ def column_mean(matrix: np.ndarray, chunk: int = 65536) -> np.ndarray:
     return (total / max(len(matrix), 1)).astype(np.float32)
 
 
-def cluster_label(info: RunInfo, label_id: int, rows, features,
-                  run_mean: np.ndarray) -> list[tuple[Cluster, list[dict]]]:
+def cluster_label(info: RunInfo, label_id: int, rows, features, run_mean: np.ndarray,
+                  artifacts: np.ndarray) -> list[tuple[Cluster, list[dict]]]:
     from worker.engine.clustering import (cluster_features, coherence, distances_to_centroids,
-                                          merge_near_duplicates, order_clusters)
+                                          exclude_lookalikes, merge_near_duplicates, order_clusters)
 
     patch_ids = np.array([r[0] for r in rows])
     label_features = np.asarray(features[[r[1] for r in rows]])
     scores = np.array([r[2] for r in rows])
+    keep = ~exclude_lookalikes(label_features - run_mean, artifacts, info.lookalike_threshold)
+    if not keep.any():
+        return []
+    patch_ids, label_features, scores = patch_ids[keep], label_features[keep], scores[keep]
     clustering = cluster_features(label_features, k=info.clusters, seed=info.seed)
     # DIFT features share a large common component (raw centroid cosines are ~0.99 even for
     # visibly different clusters), so near-duplicates are judged on centroids centred on the
@@ -323,3 +372,57 @@ def mine_crops(context: JobContext, info: RunInfo) -> None:
     with session_scope(context.settings) as session:
         if updates:
             session.execute(update(Patch), updates)
+
+
+# --- trends (ordered labels) -------------------------------------------------------------------
+def mine_trends(context: JobContext, info: RunInfo) -> None:
+    """Each cluster's typicality under every label: how an element rises and fades over time.
+
+    The first `trend_members` members of each cluster are scored under every label with shared
+    draws (one all-label typicality map per member image), each member's box read from those
+    maps as in patch selection, and the median over members stored as `Cluster.trend`."""
+    import torch
+
+    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.patches import model_top_left, patch_scores
+    from worker.engine.typicality import label_scores
+    from worker.handlers.score import preset_for
+
+    with session_scope(context.settings) as session:
+        rows = session.execute(
+            select(ClusterMember.cluster_id, Patch.image_id, Patch.x0, Patch.y0, Patch.x1, Patch.y1,
+                   Image.stored_path, Image.width, Image.height)
+            .join(Patch, Patch.id == ClusterMember.patch_id).join(Image, Image.id == Patch.image_id)
+            .join(Cluster, Cluster.id == ClusterMember.cluster_id)
+            .where(Cluster.run_id == info.run_id, ClusterMember.position < info.trend_members)
+            .order_by(Patch.image_id)).all()
+    by_image: dict[int, list] = defaultdict(list)
+    for row in rows:
+        by_image[row.image_id].append(row)
+    images = list(by_image.values())
+    draws = {"draws": info.trend_draws} if info.trend_draws else {}
+    preset = preset_for({**info.params, **draws})
+    denoiser = load_trained(context, info.model_id, info.weights)
+    per_cluster: dict[int, list[np.ndarray]] = defaultdict(list)
+    for start in range(0, len(images), FEATURE_BATCH):
+        batch = images[start:start + FEATURE_BATCH]
+        dataset = ImageDataset([str(context.settings.home_dir / members[0].stored_path)
+                                for members in batch], multi_hot([0] * len(batch), len(info.labels)),
+                               resolution=info.resolution, train=False)
+        pixels = torch.stack([dataset[i][0] for i in range(len(batch))])
+        scores = label_scores(denoiser, pixels, preset, seed=info.seed, maps=True)
+        for members, maps in zip(batch, scores.maps):
+            grid = patch_scores(maps, info.resolution, info.patch_size)  # [L, Hs, Ws]
+            for m in members:
+                x, y = model_top_left((m.x0, m.y0, m.x1, m.y1), info.resolution,
+                                      (m.width, m.height), info.patch_size)
+                x, y = min(max(x, 0), grid.shape[2] - 1), min(max(y, 0), grid.shape[1] - 1)
+                per_cluster[m.cluster_id].append(grid[:, y, x].numpy())
+        context.progress(min(start + FEATURE_BATCH, len(images)), len(images),
+                         "typicality of cluster members under every label", stage="trends")
+        context.check()
+    names = [name for _, name in info.labels]
+    with session_scope(context.settings) as session:
+        session.execute(update(Cluster), [
+            {"id": cluster_id, "trend": dict(zip(names, map(float, np.median(values, axis=0))))}
+            for cluster_id, values in per_cluster.items()])

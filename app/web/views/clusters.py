@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
-from app.models import Cluster
+from app.services.runs import NotFound
+from app.services.runs import mark_artifact as mark_artifact_of
 from app.services.galleries import (MEMBERS_PER_PAGE, cluster_info, cluster_members,
                                     cluster_profile, labels_of_set)
 from app.services.translations import (CLUSTER_MEMBERS, cluster_translations,
@@ -45,10 +46,11 @@ def cluster_page(request: Request, cluster_id: int, session: SessionDep,
              summary="Mark (artifact=1) or unmark (artifact=0) the cluster as a dataset artifact")
 async def mark_artifact(request: Request, cluster_id: int, session: SessionDep):
     form = await request.form()
-    cluster = session.get(Cluster, cluster_id)
-    if cluster is None:
+    try:
+        cluster = mark_artifact_of(session, cluster_id=cluster_id,
+                                   artifact=str(form.get("artifact", "1")) not in ("0", "false", ""))
+    except NotFound:
         raise HTTPException(404, f"There is no cluster {cluster_id}.")
-    cluster.is_artifact = str(form.get("artifact", "1")) not in ("0", "false", "")
     session.commit()
     touch(request.app.state.settings.runs_dir, cluster.run_id)  # cached gallery pages are stale
     data = load_cluster(session, cluster_id)

@@ -12,8 +12,9 @@ from app.services.galleries import (CLUSTERS_PER_PAGE, MEMBERS_INLINE, active_ru
 from fastapi.responses import HTMLResponse, JSONResponse
 from markupsafe import Markup
 
-from app.web.page_cache import run_version
-from app.web.deps import SessionDep, is_htmx, render, templates, wants_json
+from app.services.runs import launch_recluster
+from app.web.page_cache import run_version, touch
+from app.web.deps import CSRF, SessionDep, SettingsDep, is_htmx, redirect, render, templates, wants_json
 
 router = APIRouter(tags=["galleries"])
 
@@ -46,6 +47,19 @@ def run_page(request: Request, run_id: int, session: SessionDep, offset: int = Q
     if offset and is_htmx(request):
         return render(request, "_run_labels.html", context)
     return render(request, "run.html", context)
+
+
+@router.post("/runs/{run_id:int}/recluster", dependencies=CSRF,
+             summary="Cluster again without look-alikes of the clusters marked as artifacts")
+def recluster(request: Request, run_id: int, session: SessionDep, settings: SettingsDep):
+    load_run(session, run_id)
+    try:
+        job = launch_recluster(session, run_id=run_id)
+    except ValueError as error:
+        raise HTTPException(409, str(error))
+    session.commit()
+    touch(settings.runs_dir, run_id)  # cached gallery pages are stale
+    return redirect(request, f"/runs/{run_id}", data={"job": job.id})
 
 
 def label_lists(request: Request, run: dict, labels: list[dict], current: int) -> dict:
