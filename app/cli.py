@@ -590,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fast: 50 inversion / 25 sampling steps; reference: 999 / 50 (the paper)")
     translate.add_argument("--invert-steps", type=int)
     translate.add_argument("--sample-steps", type=int)
-    translate.add_argument("--guidance", type=float, help="classifier-free guidance (both presets: 7.5)")
+    translate.add_argument("--guidance", type=float, help="classifier-free guidance (paper and Stable "
+                           "Diffusion: 7.5; fast preset on pixel models: 3)")
     translate.add_argument("--sdedit", type=float, help="SDEdit strength in (0, 1] instead of inversion")
     translate.add_argument("--context", type=float, help="translate a square window this many box sides wide")
     translate.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,5 @@
-"""Benchmark the mining engine: DIFT per image vs per patch, k-means, vector search, patch mining.
+"""Benchmark the mining engine: DIFT per image vs per patch, k-means, vector search, patch mining,
+and the whole mine job (patches, DIFT features, FAISS index, clusters, crops) at 1x-8x images.
 
     python bench/bench_mining.py            # full run (~5-10 min on 2 busy CPU cores)
     python bench/bench_mining.py --quick    # smoke run, small sizes
@@ -224,6 +225,39 @@ def bench_mining(base: dict[str, int]) -> None:
     table(["setting", "scale", "images", "seconds", "ms / image", "ms / image relative to 1x"], rows)
 
 
+def bench_job(per_label: int, scales: list[int]) -> None:
+    """`diffmine mine` end to end on scored runs of 1x..8x builtin animal images (10 labels),
+    keeping every candidate patch so the work grows with the images. Each scale gets its own
+    data directory, tiny model (20 steps) and fast scoring (2 draws); only `mine` is timed."""
+    import json
+    import subprocess
+    import tempfile
+
+    def cli(home, *args) -> tuple[dict, float]:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "app.cli", *args, "--home", home, "--json"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr)
+        return json.loads(done.stdout), time.perf_counter() - started
+
+    print("### The mine job end to end (patches, features, index, clusters, crops)\n")
+    rows, base = [], None
+    for scale in scales:
+        with tempfile.TemporaryDirectory() as home:
+            n = per_label * scale
+            images = cli(home, "ingest", "builtin:animals", "--name", "a", "--limit-per-label", str(n),
+                         "--holdout", "0")[0]["images"]
+            cli(home, "train", "a", "--size", "tiny", "--steps", "20", "--batch-size", "16")
+            cli(home, "score", "1", "--preset", "fast", "--draws", "2")
+            result, seconds = cli(home, "mine", "1", "--per-label", str(5 * n), "--clusters", "8")
+        per_image = 1000 * seconds / images
+        base = base or per_image
+        rows.append([f"{scale}x", f"{images:,}", f"{result['patches']:,}", f"{seconds:.1f}",
+                     f"{per_image:.1f}", f"{per_image / base:.2f}"])
+    table(["scale", "images", "patches", "mine s", "ms / image", "vs 1x"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -231,8 +265,8 @@ def main() -> None:
     parser.add_argument("--hnsw-rows", type=int, default=100_000,
                         help="rows of the HNSW index (its build dominates the run; 0 skips it)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sections", default="dift,kmeans,search,mining",
-                        help="comma-separated subset of dift,kmeans,search,mining")
+    parser.add_argument("--sections", default="dift,kmeans,search,mining,job",
+                        help="comma-separated subset of dift,kmeans,search,mining,job")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
@@ -255,6 +289,8 @@ def main() -> None:
                      queries=20 if quick else 200)
     if "mining" in sections:
         bench_mining({"SD geometry": 2 if quick else 16, "pixel model": 16 if quick else 512})
+    if "job" in sections:
+        bench_job(per_label=5 if quick else 50, scales=[1, 2] if quick else [1, 2, 4, 8])
     print(f"Total benchmark time {time.perf_counter() - start:.0f} s.")
 
 

@@ -139,3 +139,14 @@ def test_parallel_dataset_is_mined_clustered_and_resumable(mined_settings, capsy
     assert chunk.stat().st_mtime_ns == kept
     assert json.loads(summary_path.read_text())["clusters"] == summary["clusters"]
     assert {k: v for k, v in again.items() if k != "job"} == {k: v for k, v in result.items() if k != "job"}
+
+
+def test_default_guidance_depends_on_backend_and_preset():
+    from worker.handlers.translate import PIXEL_GUIDANCE, canonical_params, resolve_params
+
+    assert resolve_params({}, "pixel")["guidance"] == PIXEL_GUIDANCE == 3.0
+    assert resolve_params({}, "stable-diffusion")["guidance"] == 7.5
+    assert resolve_params({"preset": "reference"}, "pixel")["guidance"] == 7.5  # the paper, exactly
+    assert resolve_params({"guidance": 5}, "pixel")["guidance"] == 5.0
+    # one cache key for the default however it is spelled
+    assert canonical_params({"guidance": 3}, "pixel") == canonical_params({}, "pixel") == {}

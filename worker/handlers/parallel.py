@@ -67,13 +67,14 @@ def run_parallel(context: JobContext) -> dict:
         model = session.get(TrainedModel, run.model_id)
         labels = [(label.id, label.name) for label in labels_of(session, model.label_set_id)]
         model_id, weights, label_set_id = model.id, settings.home_dir / model.weights_dir, model.label_set_id
+        backend = model.backend
         configured = (model.config or {}).get("resolution")
     relative, folder = parallel_folder(settings, run_id, params)
     folder.mkdir(parents=True, exist_ok=True)
     summary_file = folder / "summary.json"
     if summary_file.exists():
         return finished(relative, json.loads(summary_file.read_text()))
-    options = resolve_params(params.get("translation"))
+    options = resolve_params(params.get("translation"), backend)
     mine = params.get("mine") or {}
     denoiser = load_trained(context, model_id, weights)
     from worker.handlers.translate import model_resolution
