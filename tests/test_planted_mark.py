@@ -1,17 +1,7 @@
 """The method finds what was planted: a mark painted into one label's images becomes that
 label's top cluster, while baselines do not find it."""
-import json
-import subprocess
-import sys
-
+from tests.cli_helpers import diffmine_json as cli
 from tests.small_data import animal_folder
-
-
-def cli(home, *args):
-    done = subprocess.run([sys.executable, "-m", "app.cli", *args, "--home", str(home), "--json"],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def export(home):

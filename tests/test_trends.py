@@ -1,9 +1,5 @@
 """Ordered labels (years, decades): every cluster's typicality under every label, stored by the
 mining job and plotted on the cluster page."""
-import json
-import subprocess
-import sys
-
 import numpy as np
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -12,16 +8,10 @@ from app.db import session_scope
 from app.models import Cluster, ClusterMember, Label, LabelSet, Patch
 from app.settings import Settings
 from app.web import create_app
+from tests.cli_helpers import diffmine_json as cli
 from tests.small_data import animal_folder
 
 YEARS = {"Bird": "1990", "Cat": "2000", "Elephant": "2010"}
-
-
-def cli(home, *args):
-    done = subprocess.run([sys.executable, "-m", "app.cli", *args, "--home", str(home), "--json"],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def test_clusters_of_ordered_labels_get_a_trend(tmp_path):
