@@ -130,6 +130,8 @@ def cmd_train(args, settings: Settings) -> dict:
 
     if args.base and args.backend == "pixel" and not os.path.isdir(args.base):
         raise CommandError(f"--base {args.base}: no such model folder")
+    if args.accelerate_config and not os.path.isfile(args.accelerate_config):
+        raise CommandError(f"--accelerate-config {args.accelerate_config}: no such file")
     job_id = create_rows(settings, lambda session: launch_train(
         session, settings, **train_options(args))[1].id)
     result = run_job(args, settings, job_id, "train")
@@ -145,7 +147,8 @@ def train_options(args) -> dict:
     return dict(dataset=args.dataset, label_set=args.label_set, backend=args.backend, seed=args.seed,
                 base=args.base, resolution=args.resolution, steps=args.steps,
                 batch_size=args.batch_size, size=args.size, lr=args.lr,
-                checkpoint_every=args.checkpoint_every)
+                checkpoint_every=args.checkpoint_every, processes=args.processes,
+                accelerate_config=args.accelerate_config and os.path.abspath(args.accelerate_config))
 
 
 @command("score")
@@ -534,6 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="learning rate (default 1e-4, the fine-tuning recipe's; "
                                                   "a pixel model trained from scratch learns faster at 1e-3)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--processes", type=int,
+                       help="train under `accelerate launch` with this many processes (one per GPU), "
+                            "followed by the job; the batch size is split over them")
+    train.add_argument("--accelerate-config", metavar="FILE",
+                       help="an `accelerate config` file for the launch (several machines)")
     add_queue_flags(train)
 
     score = sub.add_parser("score", parents=[common], help="typicality of every image")

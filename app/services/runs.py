@@ -43,12 +43,26 @@ def create_model(session: Session, settings: Settings, *, dataset: Dataset, labe
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     config = {**TRAIN_DEFAULTS[backend], **{k: v for k, v in config.items() if v is not None}}
+    check_processes(config)
     model = TrainedModel(dataset_id=dataset.id, label_set_id=label_set.id, backend=backend,
                          config=config, weights_dir="", status="queued")
     session.add(model)
     session.flush()
     model.weights_dir = f"models/{model.id}/weights"
     return model
+
+
+def check_processes(config: dict) -> None:
+    """`processes` (launched training, worker/launched_training.py) must split the global batch
+    evenly: every process takes an equal slice of it."""
+    processes = config.get("processes")
+    if processes is None:
+        return
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if config["batch_size"] % processes:
+        raise ValueError(f"batch size {config['batch_size']} does not split evenly over "
+                         f"{processes} processes")
 
 
 def create_run(session: Session, *, model: TrainedModel, preset: str, params: dict) -> MiningRun:

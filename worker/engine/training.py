@@ -12,7 +12,11 @@ generators seeded by (seed, s) alone. A checkpoint therefore only needs the weig
 optimizer state and `s`; resuming replays exactly the steps an uninterrupted run would have
 taken. (Checkpoints also carry the global RNG states, so the caller's RNG continues as it would
 have.) `batch_size` is the global batch; under `accelerate launch` each process takes an equal
-slice of it, so the sequence of global batches does not depend on the number of processes.
+slice of it, so the sequence of global batches does not depend on the number of processes:
+images, crops, timesteps, noise, dropout and encoder samples are drawn per global position, and
+DDP's mean of per-process mean losses is the global mean. The weights after N steps are then the
+same (to float rounding) on 1 or 8 processes; only layers drawing from the global RNG (dropout
+inside the network, off in the shipped models) draw per process.
 
 Only parameters with `requires_grad` are trained and checkpointed; a backend freezes whatever
 it keeps fixed (a VAE, a text encoder) or swaps in LoRA layers before calling `train`.
@@ -157,9 +161,7 @@ def train(denoiser: ConditionalDenoiser, dataset: torch.utils.data.Dataset, *, s
     denoiser.train()
     for step, (images, conditions) in enumerate(loader, start=start_step):
         images, conditions = images.to(device), conditions.to(device).float()
-        with torch.no_grad():
-            latents = denoiser.encode(images, generator=generator(seed, _ENCODE, step,
-                                                                  accelerator.process_index))
+        latents = encode_slice(denoiser, images, seed, step, range(batch_size)[local])
         # Draw for the whole global batch, then keep this process's slice.
         global_shape = (batch_size, *latents.shape[1:])
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,),
@@ -190,6 +192,17 @@ def train(denoiser: ConditionalDenoiser, dataset: torch.utils.data.Dataset, *, s
     window = losses[-FINAL_LOSS_WINDOW:]
     return TrainResult(steps=len(losses), final_loss=float(np.mean(window)) if window else float("nan"),
                        losses=losses, resumed_from=start_step if latest is not None else None)
+
+
+@torch.no_grad()
+def encode_slice(denoiser: ConditionalDenoiser, images: torch.Tensor, seed: int, step: int,
+                 positions: range) -> torch.Tensor:
+    """Encode this process's images, each with its own generator keyed by its position in the
+    global batch: a sampling encoder (SD's VAE posterior) then draws the same latents whatever
+    the number of processes (one generator per process would not)."""
+    return torch.cat([denoiser.encode(images[i:i + 1],
+                                      generator=generator(seed, _ENCODE, step, position))
+                      for i, position in enumerate(positions)])
 
 
 def make_accelerator(mixed_precision: str = "no", **kwargs):

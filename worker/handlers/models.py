@@ -13,8 +13,9 @@ def device_of(settings: Settings) -> str:
     return settings.resolved_device()
 
 
-def build_denoiser(backend: str, labels: list[str], config: dict, settings: Settings):
-    """A denoiser to train: from `config["base"]` weights if given, else freshly initialised."""
+def build_denoiser(backend: str, labels: list[str], config: dict, device: str):
+    """A denoiser to train, on `device`: from `config["base"]` weights if given, else freshly
+    initialised."""
     from worker.engine.registry import create_pixel_denoiser, load_denoiser
 
     base = config.get("base")
@@ -24,9 +25,9 @@ def build_denoiser(backend: str, labels: list[str], config: dict, settings: Sett
             if list(denoiser.labels) != list(labels):
                 raise ValueError(f"base model {base} was trained on labels {denoiser.labels}, "
                                  f"not this label set's {labels}")
-            return denoiser.to(device_of(settings))
+            return denoiser.to(device)
         return create_pixel_denoiser(labels, resolution=config["resolution"], seed=config["seed"],
-                                     size=config.get("size", "small")).to(device_of(settings))
+                                     size=config.get("size", "small")).to(device)
     from worker.engine.stable_diffusion import StableDiffusionDenoiser
 
     if not base:
@@ -35,7 +36,7 @@ def build_denoiser(backend: str, labels: list[str], config: dict, settings: Sett
     return StableDiffusionDenoiser.from_pretrained(
         base, labels=labels, prompt_template=config.get("prompt_template", "A photo of {label}."),
         null_prompt=config.get("null_prompt", "A photo."), lora_rank=config.get("lora_rank"),
-        device=device_of(settings))
+        device=device)
 
 
 def load_trained(context: JobContext, model_id: int, weights_dir: Path):
