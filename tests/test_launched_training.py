@@ -45,7 +45,8 @@ def run_cli(capsys, *argv, home, expect=0) -> dict:
 def weights(home, model_id: int) -> dict[str, torch.Tensor]:
     folder = home / f"models/{model_id}/weights"
     return {f"{path.relative_to(folder)}:{name}": tensor
-            for path in sorted(folder.rglob("*.safetensors")) for name, tensor in load_file(path).items()}
+            for path in sorted(folder.rglob("*.safetensors"))
+            for name, tensor in load_file(path).items()}
 
 
 def job(home, job_id: int) -> Job:
