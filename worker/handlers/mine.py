@@ -290,14 +290,20 @@ def artifact_features(context, info: RunInfo, features: np.ndarray) -> np.ndarra
 
 
 def rank_artifacts_last(session, run_id: int) -> None:
-    """Artifact clusters keep their members but move behind each label's new clusters."""
+    """Artifact clusters keep their members but move behind each label's new clusters; one
+    whose members are gone (the run was mined again with new patches) goes too."""
     kept = session.scalars(select(Cluster).where(Cluster.run_id == run_id,
                                                  Cluster.is_artifact.is_(True))
                            .order_by(Cluster.label_id, Cluster.rank)).all()
     counts = dict(session.execute(select(Cluster.label_id, func.count())
                                   .where(Cluster.run_id == run_id, Cluster.is_artifact.is_(False))
                                   .group_by(Cluster.label_id)).all())
+    with_members = set(session.scalars(select(ClusterMember.cluster_id).distinct().where(
+        ClusterMember.cluster_id.in_([c.id for c in kept]))))
     for cluster in kept:
+        if cluster.id not in with_members:
+            session.delete(cluster)
+            continue
         cluster.rank = counts.get(cluster.label_id, 0)
         counts[cluster.label_id] = cluster.rank + 1
 
