@@ -137,8 +137,9 @@ def cmd_train(args, settings: Settings) -> dict:
     result = run_job(args, settings, job_id, "train")
     if not args.json and "model" in result:
         accuracy = result.get("classifier_accuracy")
-        print(f"Trained model {result['model']}: {result['steps']} steps, final loss "
-              f"{result['final_loss']:.4f}"
+        loss = result["final_loss"]
+        print(f"Trained model {result['model']}: {result['steps']} steps"
+              + (f", final loss {loss:.4f}" if loss is not None else " (the model before fine-tuning)")
               + (f", holdout classifier accuracy {accuracy:.1%}" if accuracy is not None else ""))
     return result
 
@@ -530,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backend", choices=("pixel", "stable-diffusion"), default="pixel")
     train.add_argument("--base", help="weights to start from: a model folder (or SD folder/hub id)")
     train.add_argument("--resolution", type=int)
-    train.add_argument("--steps", type=int)
+    train.add_argument("--steps", type=int, help="0: the model before fine-tuning, as a baseline")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--size", choices=("tiny", "small", "base"), help="pixel model width")
     train.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")

@@ -59,3 +59,21 @@ def test_mining_again_gives_the_same_clusters(mined_settings):
     assert diffmine(["mine", "1", "--per-label", "20", "--clusters", "3", "--home",
                      str(mined_settings.home_dir), "--json"]) == 0
     assert cluster_table(mined_settings) == before
+
+
+def test_the_model_before_fine_tuning_is_a_baseline_through_the_same_pipeline(mined_settings, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    home = mined_settings.home_dir
+    base = home / "models/1/weights"
+    capsys.readouterr()
+    assert diffmine(["run", "animals", "--steps", "0", "--base", str(base), "--size", "tiny",
+                     "--preset", "fast", "--draws", "2", "--per-label", "5", "--clusters", "2",
+                     "--home", str(home), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 0 and result["final_loss"] is None and result["clusters"] > 0
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    before, after = load_file(base / unet), load_file(home / f"models/{result['model']}/weights/{unet}")
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)

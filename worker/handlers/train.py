@@ -18,7 +18,9 @@ from worker.handlers.models import build_denoiser, device_of
 
 def run_train(context: JobContext) -> dict:
     spec = training_spec(context.settings, context.params["model_id"])
-    if is_launched(spec["config"]):
+    if spec["config"]["steps"] == 0:
+        denoiser, result = before_fine_tuning(context, spec)
+    elif is_launched(spec["config"]):
         from worker.engine.registry import load_denoiser
         from worker.launched_training import launch_and_follow
 
@@ -80,6 +82,16 @@ def train_here(context: JobContext, spec: dict):
     result = train(denoiser, dataset, **train_options(spec), progress=progress)
     denoiser.save(spec["model_dir"])
     return denoiser, result
+
+
+def before_fine_tuning(context: JobContext, spec: dict):
+    """`--steps 0`: the model as it starts (its `--base` weights, or a fresh initialisation),
+    scored and mined like any other: the paper's "before fine-tuning" baseline."""
+    from worker.engine.training import TrainResult
+
+    denoiser, _ = build_training(spec, device_of(context.settings))
+    denoiser.save(spec["model_dir"])
+    return denoiser, TrainResult(steps=0, final_loss=None)
 
 
 def finish(context: JobContext, spec: dict, denoiser, result) -> dict:
