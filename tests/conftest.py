@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
+
+# pytest-xdist runs test files side by side (addopts: -n auto): the cores are split between its
+# workers, set before torch is imported here or in the worker processes the tests start, since
+# OpenMP threads that outnumber the cores spin against each other (10x slower forward passes).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 from PIL import Image, ImageDraw
