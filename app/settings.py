@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     port: int = 8000
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device")
     token: str | None = Field(None, description="access token; when set, every request needs it")
+    # Scoring and DIFT features on a Ray cluster (worker/ray_backend.py); unset: in the worker.
+    ray_address: str | None = Field(None, description="Ray cluster for scoring and DIFT features: "
+                                    "'local' starts Ray on this machine, anything else is "
+                                    "ray.init's address (auto, ray://head:10001)")
+    ray_actors: int | None = Field(None, description="Ray actors holding the denoiser (default: "
+                                   "one per GPU of the cluster, else one per CPU)")
 
     # Ingest limits: an upload beyond them is refused whole.
     max_upload_bytes: int = 20 * 2**30

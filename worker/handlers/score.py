@@ -3,10 +3,16 @@
 A shard is done when its map file exists. Rows are written first (replacing any a killed
 attempt left) and the map file is renamed into place last, so a resumed job neither loses nor
 duplicates rows, and the same seed gives the same numbers however the work was interrupted.
+
+A shard is computed by `compute_shard` (denoiser in, numbers out: no database, no files) and
+written by `write_shard`. The worker runs both itself, or, with `DIFFMINE_RAY_ADDRESS` set,
+sends the shards not yet done to Ray actors that run `compute_shard` and writes what comes back
+with the same `write_shard` (worker/ray_backend.py).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +20,23 @@ from sqlalchemy import delete, func, insert, select
 
 from app.db import session_scope
 from app.models import ImageLabel, ImageScore, MiningRun, TrainedModel
-from app.services.runs import examples, labels_of
+from app.services.runs import Example, examples, labels_of
+from app.settings import Settings
 from worker.context import JobContext
 from worker.handlers.evaluate import denoiser_resolution
 from worker.handlers.models import load_trained
 
 SHARD_IMAGES = 64
+
+
+@dataclass
+class ShardScores:
+    """One shard's results before they are written."""
+
+    #: "imageid_labelid" -> typicality map (float16), one per (image, own label)
+    maps: dict[str, np.ndarray]
+    #: ImageScore values without run_id and map_path; `map_key` names the row's map, if any
+    records: list[dict]
 
 
 def run_score(context: JobContext) -> dict:
@@ -34,23 +51,23 @@ def run_score(context: JobContext) -> dict:
         params, label_set_id = dict(run.params), model.label_set_id
         weights = settings.home_dir / model.weights_dir
         model_id = model.id
-    denoiser = load_trained(context, model_id, weights)
     maps_dir = settings.runs_dir / str(run_id) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
-    done, after_id = 0, 0
-    while True:
-        with session_scope(settings) as session:
-            shard = examples(session, settings, label_set_id=label_set_id, after_id=after_id,
-                             limit=params.get("shard_size") or SHARD_IMAGES)
-        if not shard:
-            break
-        shard_file = maps_dir / f"shard-{shard[0].image_id:09d}.npz"
-        if not shard_file.exists():
-            score_shard(context, denoiser, shard, label_ids, shard_file, run_id=run_id,
-                        params=params)
-        done, after_id = done + len(shard), shard[-1].image_id
-        context.progress(done, total, f"{done}/{total} images", stage="score")
-        context.check()
+    shard_size = params.get("shard_size") or SHARD_IMAGES
+    if settings.ray_address:
+        from worker.ray_backend import score_on_ray
+
+        done = score_on_ray(context, weights, shards(settings, label_set_id, shard_size, maps_dir),
+                            label_ids, run_id=run_id, params=params, total=total)
+    else:
+        denoiser, done = load_trained(context, model_id, weights), 0
+        for shard, shard_file in shards(settings, label_set_id, shard_size, maps_dir):
+            if not shard_file.exists():
+                write_shard(settings, shard, shard_file, run_id=run_id,
+                            scores=compute_shard(denoiser, shard, label_ids, params))
+            done += len(shard)
+            context.progress(done, total, f"{done}/{total} images", stage="score")
+            context.check()
     with session_scope(settings) as session:
         run = session.get(MiningRun, run_id)
         run.status, run.stages_done = "scored", sorted(set(run.stages_done or []) | {"score"})
@@ -66,8 +83,23 @@ def preset_for(params: dict):
     return preset
 
 
-def score_shard(context, denoiser, shard, label_ids, shard_file: Path, *, run_id: int,
-                params: dict) -> None:
+def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
+    """(examples, map file) of every shard in image-id order, read from the database a page at
+    a time."""
+    after_id = 0
+    while True:
+        with session_scope(settings) as session:
+            shard = examples(session, settings, label_set_id=label_set_id, after_id=after_id,
+                             limit=size)
+        if not shard:
+            return
+        yield shard, maps_dir / f"shard-{shard[0].image_id:09d}.npz"
+        after_id = shard[-1].image_id
+
+
+def compute_shard(denoiser, shard: list[Example], label_ids: list[int],
+                  params: dict) -> ShardScores:
+    """Typicality of a shard's images under their own labels (and every label with all_labels)."""
     import torch
 
     from worker.engine.data import ImageDataset, multi_hot
@@ -81,27 +113,37 @@ def score_shard(context, denoiser, shard, label_ids, shard_file: Path, *, run_id
     rows = [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
     own = typicality(denoiser, images[[i for i, _ in rows]],
                      multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed)
-    maps = {f"{shard[i].image_id}_{label_ids[label]}": own.maps[r].cpu().numpy().astype(np.float16)
-            for r, (i, label) in enumerate(rows)}
-    relative = shard_file.relative_to(context.settings.home_dir).as_posix()
-    records = {(shard[i].image_id, label_ids[label]): dict(
-        run_id=run_id, image_id=shard[i].image_id, label_id=label_ids[label],
-        typicality=float(own.scores[r]), std_error=float(own.stderr[r]), loss=None,
-        map_path=f"{relative}:{shard[i].image_id}_{label_ids[label]}")
-        for r, (i, label) in enumerate(rows)}
+    maps, records = {}, {}
+    for r, (i, label) in enumerate(rows):
+        key = f"{shard[i].image_id}_{label_ids[label]}"
+        maps[key] = own.maps[r].cpu().numpy().astype(np.float16)
+        records[(shard[i].image_id, label_ids[label])] = dict(
+            image_id=shard[i].image_id, label_id=label_ids[label], typicality=float(own.scores[r]),
+            std_error=float(own.stderr[r]), loss=None, map_key=key)
     if params.get("all_labels"):
         everything = label_scores(denoiser, images, preset, seed=seed)
         for i, example in enumerate(shard):
             for m, label_id in enumerate(label_ids):
                 record = records.setdefault((example.image_id, label_id), dict(
-                    run_id=run_id, image_id=example.image_id, label_id=label_id,
+                    image_id=example.image_id, label_id=label_id,
                     typicality=float(everything.typicality[i, m]),
-                    std_error=float(everything.stderr[i, m]), map_path=None))
+                    std_error=float(everything.stderr[i, m]), map_key=None))
                 record["loss"] = float(everything.label_losses[i, m])
-    with session_scope(context.settings) as session:
+    return ShardScores(maps=maps, records=list(records.values()))
+
+
+def write_shard(settings: Settings, shard: list[Example], shard_file: Path, *, run_id: int,
+                scores: ShardScores) -> None:
+    """The shard's ImageScore rows (replacing any a killed attempt left), then its map file."""
+    relative = shard_file.relative_to(settings.home_dir).as_posix()
+    rows = [dict(run_id=run_id, image_id=r["image_id"], label_id=r["label_id"],
+                 typicality=r["typicality"], std_error=r["std_error"], loss=r["loss"],
+                 map_path=f"{relative}:{r['map_key']}" if r["map_key"] else None)
+            for r in scores.records]
+    with session_scope(settings) as session:
         session.execute(delete(ImageScore).where(ImageScore.run_id == run_id,
                                                  ImageScore.image_id.in_([e.image_id for e in shard])))
-        session.execute(insert(ImageScore), list(records.values()))
+        session.execute(insert(ImageScore), rows)
     temporary = shard_file.with_suffix(".tmp.npz")
-    np.savez(temporary, **maps)
+    np.savez(temporary, **scores.maps)
     os.replace(temporary, shard_file)

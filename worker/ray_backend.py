@@ -1,0 +1,129 @@
+"""Scoring and DIFT features on a Ray cluster, when `DIFFMINE_RAY_ADDRESS` is set.
+
+The worker process stays in charge of the job: it lists the pieces not done yet (scoring
+shards of the image list, feature parts), Ray Data makes each piece a block and `map_batches`
+hands it to a `DenoiserActor` (one denoiser per actor: one actor per GPU
+of the cluster, or CPU actors where it has none), and the worker writes each result as it comes
+back with the very function the local path writes with, reporting progress and checking for a
+cancel between pieces. Results are computed by the same functions as locally with the same seeds,
+so they are the same numbers (within float rounding of thread counts and devices), and a resumed
+job sends only the pieces whose files are still missing.
+
+Actors read the images and the model weights by the paths the worker sees: on a cluster of
+several machines the data directory must be mounted at the same path on every node (NFS or the
+like), and diffmine installed there.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from app.settings import Settings
+from worker.context import JobContext, TransientError
+
+def connect(settings: Settings) -> None:
+    """Join the configured cluster once per process ('local' starts one here); a Ray that the
+    process already initialised is used as it is."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        address = None if settings.ray_address == "local" else settings.ray_address
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def actor_plan(settings: Settings) -> dict:
+    """How many actors, and what each holds: a GPU per actor when the cluster has any (and the
+    device setting does not ask for the CPU), else one CPU per actor."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if settings.device != "cpu" else 0
+    if gpus:
+        return dict(actors=settings.ray_actors or gpus, num_gpus=1, num_cpus=1, device="cuda")
+    return dict(actors=settings.ray_actors or max(1, int(resources.get("CPU", 1))), num_gpus=0,
+                num_cpus=1, device="cpu")
+
+
+class DenoiserActor:
+    """The callable class of `map_batches`: loads the denoiser once, then runs
+    `compute(denoiser, task, **options)` on every task it is given."""
+
+    def __init__(self, weights: str, device: str, compute: Callable, options: dict):
+        from worker.engine.registry import load_denoiser
+
+        self.denoiser = load_denoiser(weights, device=device)
+        self.compute, self.options = compute, options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [pickle.dumps(self.compute(self.denoiser, pickle.loads(task), **self.options))
+                   for task in batch["task"]]
+        return {"task": batch["task"], "result": np.array(results, dtype=object)}
+
+
+def run_tasks(context: JobContext, weights: Path, tasks: Iterable, compute: Callable,
+              options: dict, *, name: str) -> Iterator[tuple[object, object]]:
+    """(task, compute(denoiser, task, **options)) for every task, in the order they finish.
+
+    Each task is one block of the dataset (one shard of images, one part of features), so the
+    actors share the work task by task; results are consumed one by one as they stream back.
+    The task list is all the worker holds (about 10 KB per shard of 64 images). Actor deaths
+    and lost nodes surface as TransientError: the job is retried and resumes."""
+    items = [{"task": pickle.dumps(task)} for task in tasks]
+    if not items:
+        return
+    import ray
+
+    connect(context.settings)
+    plan = actor_plan(context.settings)
+    context.log(f"ray: {len(items)} {name} tasks on {plan['actors']} {plan['device']} actor(s)")
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        DenoiserActor, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs=dict(weights=str(weights), device=plan["device"], compute=compute,
+                                   options=options),
+        compute=ray.data.ActorPoolStrategy(size=min(plan["actors"], len(items))),
+        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"])
+    del items
+    lost = (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError,
+            ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
+    try:
+        for row in dataset.iter_rows():
+            yield pickle.loads(row["task"]), pickle.loads(row["result"])
+    except lost as error:
+        raise TransientError(f"the Ray cluster lost work: {error}") from error
+
+
+# --- scoring -------------------------------------------------------------------------------
+def score_on_ray(context: JobContext, weights: Path, shards: Iterable, label_ids: list[int], *,
+                 run_id: int, params: dict, total: int) -> int:
+    """The shards whose map file is missing, scored by Ray actors and written here as the local
+    path writes them; returns the number of images scored, before and now."""
+    from worker.handlers.score import compute_shard, write_shard
+
+    done, files = 0, {}
+
+    def pending():
+        nonlocal done
+        for shard, shard_file in shards:
+            if shard_file.exists():
+                done += len(shard)
+            else:
+                files[shard[0].image_id] = shard_file
+                yield shard
+
+    results = run_tasks(context, weights, pending(), compute_shard,
+                        dict(label_ids=label_ids, params=params), name="score")
+    for shard, scores in results:
+        write_shard(context.settings, shard, files.pop(shard[0].image_id), run_id=run_id,
+                    scores=scores)
+        done += len(shard)
+        context.progress(done, total, f"{done}/{total} images", stage="score")
+        context.check()
+    context.progress(done, total, f"{done}/{total} images", stage="score", force=True)
+    return done
