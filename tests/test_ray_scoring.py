@@ -1,6 +1,7 @@
-"""Scoring on Ray (DIFFMINE_RAY_ADDRESS) gives the numbers of the local path, written the same
-way, and a resumed Ray scoring sends only the shards not done. Runs on a local Ray instance
-(`ray.init(num_cpus=2)`) with a tiny model trained for a few steps on builtin animals."""
+"""Scoring and the DIFT features of mining on Ray (DIFFMINE_RAY_ADDRESS) give the numbers of the
+local path, written the same way, and a resumed job sends Ray only the pieces not done. Runs on
+a local Ray instance (`ray.init(num_cpus=2)`) with a tiny model trained for a few steps on
+builtin animals."""
 import shutil
 import time
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from app.cli import main as diffmine
 from app.db import session_scope
 from app.jobs import enqueue
-from app.models import ImageScore, Job, MiningRun
+from app.models import ImageScore, Job, MiningRun, Patch
 from app.settings import Settings
 from tests.small_data import animal_folder
 from worker.runner import Worker
@@ -20,6 +21,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
 
 SCORE = ["score", "1", "--preset", "fast", "--draws", "4", "--shard-size", "8", "--all-labels"]
+MINE = ["mine", "1", "--per-label", "20", "--clusters", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +103,59 @@ def test_ray_scoring_matches_local_and_resumes(trained, local_ray, tmp_path, mon
     # scoring sends that shard alone, replaces its rows, and leaves the finished shards untouched.
     shards[-1].unlink()
     finished = {p: p.stat().st_mtime_ns for p in shards[:-1]}
-    settings = Settings(home=on_ray, ray_address="local")
-    with session_scope(settings) as session:
-        session.get(MiningRun, 1).stages_done = []
-        job_id = enqueue(session, kind="score", params={"run_id": 1, "model_id": 1}).id
-    assert Worker(settings).run_one()
-    with session_scope(settings) as session:
-        job = session.get(Job, job_id)
-        assert job.status == "succeeded", job.error
-        assert "ray: 1 score tasks on 2 cpu actor(s)" in job.log
+    log = rerun(on_ray, "score", [])
+    assert "ray: 1 score tasks on 2 cpu actor(s)" in log
+    with session_scope(Settings(home=on_ray)) as session:
+        job = session.scalars(select(Job).order_by(Job.id.desc())).first()
         assert job.progress_done == job.progress_total == images
         assert session.get(MiningRun, 1).stages_done == ["score"]
     assert shards[-1].exists()
     assert {p: p.stat().st_mtime_ns for p in shards[:-1]} == finished
     assert_same_scores(expected, scores(on_ray))  # no row lost or duplicated
+
+
+def rerun(home, kind, stages_done):
+    """Run the job `kind` of run 1 again in a worker on Ray, as after a kill; returns its log."""
+    settings = Settings(home=home, ray_address="local")
+    with session_scope(settings) as session:
+        session.get(MiningRun, 1).stages_done = stages_done
+        job_id = enqueue(session, kind=kind, params={"run_id": 1}).id
+    assert Worker(settings).run_one()
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        assert job.status == "succeeded", job.error
+        return job.log
+
+
+def mined(home):
+    """Patch rows (with their feature rows) and the features array of run 1."""
+    with session_scope(Settings(home=home)) as session:
+        patches = session.execute(select(Patch.image_id, Patch.label_id, Patch.x0, Patch.y0,
+                                         Patch.x1, Patch.y1, Patch.score, Patch.feature_row)
+                                  .where(Patch.run_id == 1).order_by(Patch.id)).all()
+    return patches, np.load(home / "runs/1/features.npy")
+
+
+def test_ray_features_match_local_and_resume(trained, local_ray, tmp_path, monkeypatch):
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    for home in (local, on_ray):
+        shutil.copytree(trained, home)
+        assert diffmine([*SCORE, "--home", str(home), "--json"]) == 0
+    assert diffmine([*MINE, "--home", str(local), "--json"]) == 0
+    monkeypatch.setenv("DIFFMINE_RAY_ADDRESS", "local")
+    assert diffmine([*MINE, "--home", str(on_ray), "--json"]) == 0
+
+    patches, features = mined(local)
+    parts = sorted((on_ray / "runs/1/features").glob("part-*.npz"))
+    assert len(parts) >= 2 and len(patches) == len(features) > 0
+    assert mined(on_ray)[0] == patches  # the same patches, in the same feature rows
+    np.testing.assert_allclose(mined(on_ray)[1], features, rtol=1e-5, atol=1e-6)
+
+    # Killed in the features stage: only the missing part goes to Ray, the others are kept.
+    parts[0].unlink()
+    kept = {p: p.stat().st_mtime_ns for p in parts[1:]}
+    log = rerun(on_ray, "mine", ["patches", "score"])
+    assert "ray: 1 features tasks on 2 cpu actor(s)" in log
+    assert parts[0].exists() and {p: p.stat().st_mtime_ns for p in parts[1:]} == kept
+    assert mined(on_ray)[0] == patches
+    np.testing.assert_allclose(mined(on_ray)[1], features, rtol=1e-5, atol=1e-6)

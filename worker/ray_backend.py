@@ -1,8 +1,8 @@
 """Scoring and DIFT features on a Ray cluster, when `DIFFMINE_RAY_ADDRESS` is set.
 
 The worker process stays in charge of the job: it lists the pieces not done yet (scoring
-shards of the image list, feature parts), Ray Data makes each piece a block and `map_batches`
-hands it to a `DenoiserActor` (one denoiser per actor: one actor per GPU
+shards of the image list, parts of the features stage of mining), Ray Data makes each piece a
+block and `map_batches` hands it to a `DenoiserActor` (one denoiser per actor: one actor per GPU
 of the cluster, or CPU actors where it has none), and the worker writes each result as it comes
 back with the very function the local path writes with, reporting progress and checking for a
 cancel between pieces. Results are computed by the same functions as locally with the same seeds,
@@ -24,6 +24,7 @@ import numpy as np
 
 from app.settings import Settings
 from worker.context import JobContext, TransientError
+
 
 def connect(settings: Settings) -> None:
     """Join the configured cluster once per process ('local' starts one here); a Ray that the
@@ -64,25 +65,46 @@ class DenoiserActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = [pickle.dumps(self.compute(self.denoiser, pickle.loads(task), **self.options))
                    for task in batch["task"]]
-        return {"task": batch["task"], "result": np.array(results, dtype=object)}
+        return {"key": batch["key"], "result": np.array(results, dtype=object)}
 
 
-def run_tasks(context: JobContext, weights: Path, tasks: Iterable, compute: Callable,
-              options: dict, *, name: str) -> Iterator[tuple[object, object]]:
-    """(task, compute(denoiser, task, **options)) for every task, in the order they finish.
+def run_pieces(context: JobContext, weights: Path, pieces: Iterable[tuple[Path, object]],
+               compute: Callable, options: dict, write: Callable, *, stage: str, message: str,
+               size: Callable[[object], int], total: int) -> int:
+    """Compute on Ray actors the pieces `(file, task)` whose file is missing, and
+    `write(file, task, result)` each here as it comes back; returns the work done in all.
 
-    Each task is one block of the dataset (one shard of images, one part of features), so the
-    actors share the work task by task; results are consumed one by one as they stream back.
-    The task list is all the worker holds (about 10 KB per shard of 64 images). Actor deaths
-    and lost nodes surface as TransientError: the job is retried and resumes."""
-    items = [{"task": pickle.dumps(task)} for task in tasks]
-    if not items:
-        return
+    `compute(denoiser, task, **options)` runs on the actors. Progress counts `size(task)` per
+    piece (done before or now) and is reported with `message.format(done=, total=)`. Each task is
+    one block of the dataset, so the actors share the work task by task; results stream back and
+    are written one at a time. The pending tasks are all the worker holds (about 10 KB per scoring
+    shard of 64 images). Actor deaths and lost nodes raise TransientError: the job is retried
+    and resumes from the files written."""
+    done, pending = 0, {}
+    for path, task in pieces:
+        if path.exists():
+            done += size(task)
+        else:
+            pending[len(pending)] = (path, task)
+    if pending:
+        for key, result in _stream(context, weights, pending, compute, options, stage):
+            path, task = pending.pop(key)
+            write(path, task, result)
+            done += size(task)
+            context.progress(done, total, message.format(done=done, total=total), stage=stage)
+            context.check()
+    context.progress(done, total, message.format(done=done, total=total), stage=stage, force=True)
+    return done
+
+
+def _stream(context: JobContext, weights: Path, pending: dict, compute: Callable, options: dict,
+            name: str) -> Iterator[tuple[int, object]]:
     import ray
 
     connect(context.settings)
     plan = actor_plan(context.settings)
-    context.log(f"ray: {len(items)} {name} tasks on {plan['actors']} {plan['device']} actor(s)")
+    context.log(f"ray: {len(pending)} {name} tasks on {plan['actors']} {plan['device']} actor(s)")
+    items = [{"key": key, "task": pickle.dumps(task)} for key, (_, task) in pending.items()]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         DenoiserActor, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(weights=str(weights), device=plan["device"], compute=compute,
@@ -94,36 +116,29 @@ def run_tasks(context: JobContext, weights: Path, tasks: Iterable, compute: Call
             ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
     try:
         for row in dataset.iter_rows():
-            yield pickle.loads(row["task"]), pickle.loads(row["result"])
+            yield int(row["key"]), pickle.loads(row["result"])
     except lost as error:
         raise TransientError(f"the Ray cluster lost work: {error}") from error
 
 
-# --- scoring -------------------------------------------------------------------------------
+# --- the two stages that run here ----------------------------------------------------------
 def score_on_ray(context: JobContext, weights: Path, shards: Iterable, label_ids: list[int], *,
                  run_id: int, params: dict, total: int) -> int:
-    """The shards whose map file is missing, scored by Ray actors and written here as the local
-    path writes them; returns the number of images scored, before and now."""
+    """Scoring: the shards whose map file is missing; returns the images scored, before and now."""
     from worker.handlers.score import compute_shard, write_shard
 
-    done, files = 0, {}
+    def write(path, shard, scores):
+        write_shard(context.settings, shard, path, run_id=run_id, scores=scores)
 
-    def pending():
-        nonlocal done
-        for shard, shard_file in shards:
-            if shard_file.exists():
-                done += len(shard)
-            else:
-                files[shard[0].image_id] = shard_file
-                yield shard
+    return run_pieces(context, weights, ((path, shard) for shard, path in shards), compute_shard,
+                      dict(label_ids=label_ids, params=params), write, stage="score",
+                      message="{done}/{total} images", size=len, total=total)
 
-    results = run_tasks(context, weights, pending(), compute_shard,
-                        dict(label_ids=label_ids, params=params), name="score")
-    for shard, scores in results:
-        write_shard(context.settings, shard, files.pop(shard[0].image_id), run_id=run_id,
-                    scores=scores)
-        done += len(shard)
-        context.progress(done, total, f"{done}/{total} images", stage="score")
-        context.check()
-    context.progress(done, total, f"{done}/{total} images", stage="score", force=True)
-    return done
+
+def features_on_ray(context: JobContext, weights: Path, parts: list, **options) -> None:
+    """The features stage of mining: the parts whose file is missing."""
+    from worker.handlers.mine import compute_feature_part, write_feature_part
+
+    run_pieces(context, weights, parts, compute_feature_part, options, write_feature_part,
+               stage="features", message="DIFT features", size=lambda part: len(part.paths),
+               total=sum(len(part.paths) for _, part in parts))

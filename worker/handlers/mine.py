@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -172,15 +173,46 @@ def patch_groups(context, info: RunInfo) -> list[tuple[int, int, list[tuple[int,
     return [(image_id, label_id, members) for (image_id, label_id), members in groups.items()]
 
 
-def mine_features(context: JobContext, info: RunInfo) -> None:
-    """DIFT features, one feature map per (image, label), every patch cropped from it."""
-    import torch
+@dataclass
+class FeaturePart:
+    """One resumable piece of the features stage: up to FEATURE_BATCH (image, label) groups."""
 
-    from worker.engine.data import ImageDataset, multi_hot
-    from worker.engine.dift import patch_features
+    paths: list[str]
+    label_indices: list[int]
+    #: per group: its patches' boxes in model pixels, and the patches' ids in the same order
+    boxes: list[list[tuple[float, float, float, float]]]
+    patch_ids: list[list[int]]
+
+
+def mine_features(context: JobContext, info: RunInfo) -> None:
+    """DIFT features, one feature map per (image, label), every patch cropped from it.
+
+    A part is computed by `compute_feature_part` and written by `write_feature_part`: here, or,
+    with DIFFMINE_RAY_ADDRESS set, on Ray actors (worker/ray_backend.py) and written here."""
+    parts = feature_parts(context, info)
+    if context.settings.ray_address:
+        from worker.ray_backend import features_on_ray
+
+        features_on_ray(context, info.weights, parts, num_labels=len(info.labels),
+                        resolution=info.resolution, seed=info.seed)
+    else:
+        denoiser, done, total = None, 0, sum(len(part.paths) for _, part in parts)
+        for path, part in parts:
+            if not path.exists():
+                denoiser = denoiser or load_trained(context, info.model_id, info.weights)
+                write_feature_part(path, part, compute_feature_part(
+                    denoiser, part, num_labels=len(info.labels), resolution=info.resolution,
+                    seed=info.seed))
+            done += len(part.paths)
+            context.progress(done, total, "DIFT features", stage="features")
+            context.check()
+    write_index(context, info, [path for path, _ in parts])
+
+
+def feature_parts(context, info: RunInfo) -> list[tuple[Path, FeaturePart]]:
+    """Every part of the run's features with the file it is written to, in patch-group order."""
     from worker.engine.patches import box_to_model
 
-    denoiser = load_trained(context, info.model_id, info.weights)
     label_index = {label_id: i for i, (label_id, _) in enumerate(info.labels)}
     groups = patch_groups(context, info)
     parts_dir = info.dir / "features"
@@ -192,25 +224,35 @@ def mine_features(context: JobContext, info: RunInfo) -> None:
     parts = []
     for start in range(0, len(groups), FEATURE_BATCH):
         batch = groups[start:start + FEATURE_BATCH]
-        part = parts_dir / f"part-{start:09d}.npz"
-        parts.append(part)
-        if not part.exists():
-            dataset = ImageDataset([images[g[0]][0] for g in batch],
-                                   multi_hot([label_index[g[1]] for g in batch], len(info.labels)),
-                                   resolution=info.resolution, train=False)
-            pixels = torch.stack([dataset[i][0] for i in range(len(batch))])
-            boxes = [[clip_box(box_to_model(box, info.resolution, images[image_id][1]), info.resolution)
-                      for _, box in members] for image_id, _, members in batch]
-            features = patch_features(denoiser, pixels, dataset.conditions, boxes,
-                                      seed=info.seed)
-            temporary = part.with_suffix(".tmp.npz")
-            np.savez(temporary, ids=np.array([pid for g in batch for pid, _ in g[2]]),
-                     features=torch.cat(features).cpu().numpy().astype(np.float32))
-            os.replace(temporary, part)
-        context.progress(min(start + FEATURE_BATCH, len(groups)), len(groups),
-                         "DIFT features", stage="features")
-        context.check()
-    write_index(context, info, parts)
+        parts.append((parts_dir / f"part-{start:09d}.npz", FeaturePart(
+            paths=[images[image_id][0] for image_id, _, _ in batch],
+            label_indices=[label_index[label_id] for _, label_id, _ in batch],
+            boxes=[[clip_box(box_to_model(box, info.resolution, images[image_id][1]),
+                             info.resolution) for _, box in members]
+                   for image_id, _, members in batch],
+            patch_ids=[[patch_id for patch_id, _ in members] for _, _, members in batch])))
+    return parts
+
+
+def compute_feature_part(denoiser, part: FeaturePart, *, num_labels: int, resolution: int,
+                         seed: int) -> np.ndarray:
+    """[patches, C] float32 DIFT features of a part's patches, in `patch_ids` order."""
+    import torch
+
+    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.dift import patch_features
+
+    dataset = ImageDataset(part.paths, multi_hot(part.label_indices, num_labels),
+                           resolution=resolution, train=False)
+    pixels = torch.stack([dataset[i][0] for i in range(len(part.paths))])
+    features = patch_features(denoiser, pixels, dataset.conditions, part.boxes, seed=seed)
+    return torch.cat(features).cpu().numpy().astype(np.float32)
+
+
+def write_feature_part(path: Path, part: FeaturePart, features: np.ndarray) -> None:
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez(temporary, ids=np.array([i for ids in part.patch_ids for i in ids]), features=features)
+    os.replace(temporary, path)
 
 
 def clip_box(box, size: int) -> tuple[float, float, float, float]:
