@@ -470,7 +470,7 @@ def cmd_demo(args, settings: Settings) -> None:
 
 def run_side_by_side(settings: Settings, job_ids: list[int], *, json_mode: bool) -> Iterator[dict]:
     """Independent jobs at once, a worker process each, the CPU cores split between them: on
-    2 cores two one-thread processes score 1.3x faster than one two-thread process (measured
+    2 cores two one-thread processes score 1.2-1.3x faster than one two-thread process (measured
     in docs/demo.md). Results come in job order; the workers stop when the queue is empty."""
     import subprocess
 
