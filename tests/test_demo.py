@@ -1,0 +1,24 @@
+"""`diffmine demo` mines its label sets side by side: one worker process per job, the cores split
+between them (app/cli.py run_side_by_side). Here on two quick scoring jobs of a mined run."""
+import psutil
+
+from app.cli import run_side_by_side
+from app.db import session_scope
+from app.models import Job
+from app.services.runs import launch_score
+
+
+def test_jobs_run_side_by_side_and_the_workers_stop(mined_settings):
+    with session_scope(mined_settings) as session:
+        jobs = [launch_score(session, model_id=1, preset="fast", draws=2, seed=seed)[1].id
+                for seed in (0, 1)]
+    results = list(run_side_by_side(mined_settings, jobs, json_mode=True))
+    assert [r["job"] for r in results] == jobs and [r["images"] for r in results] == [120, 120]
+    with session_scope(mined_settings) as session:
+        ran_by = {session.get(Job, job_id).worker_id for job_id in jobs}
+    assert ran_by <= {"side-0", "side-1"}
+    assert (mined_settings.home_dir / "logs/worker-side-0.log").exists()
+    home = str(mined_settings.home_dir)
+    leftover = [p for p in psutil.process_iter(["cmdline"])
+                if home in " ".join(p.info["cmdline"] or []) and "worker" in (p.info["cmdline"] or [])]
+    assert not leftover  # the workers are gone once the jobs are done
