@@ -479,11 +479,13 @@ def run_side_by_side(settings: Settings, job_ids: list[int], *, json_mode: bool)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // count)))
     logs = settings.home_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    workers = [subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--exit-when-idle",
-                                 "--home", str(settings.home_dir), "--worker-id", f"side-{n}"],
-                                env=env, stdout=subprocess.DEVNULL,
-                                stderr=open(logs / f"worker-side-{n}.log", "ab"))
-               for n in range(count if job_ids else 0)]
+    workers = []
+    for n in range(count if job_ids else 0):
+        with open(logs / f"worker-side-{n}.log", "ab") as log:  # the child keeps its own handle
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker", "--exit-when-idle",
+                 "--home", str(settings.home_dir), "--worker-id", f"side-{n}"],
+                env=env, stdout=subprocess.DEVNULL, stderr=log))
     try:
         for job_id in job_ids:
             yield wait_for_job(settings, job_id, json_mode=json_mode)

@@ -24,6 +24,7 @@ import numpy as np
 
 from app.settings import Settings
 from worker.context import JobContext, TransientError
+from worker.pieces import Executor
 
 
 def connect(settings: Settings) -> None:
@@ -68,33 +69,19 @@ class DenoiserActor:
         return {"key": batch["key"], "result": np.array(results, dtype=object)}
 
 
-def run_pieces(context: JobContext, weights: Path, pieces: Iterable[tuple[Path, object]],
-               compute: Callable, options: dict, write: Callable, *, stage: str, message: str,
-               size: Callable[[object], int], total: int) -> int:
-    """Compute on Ray actors the pieces `(file, task)` whose file is missing, and
-    `write(file, task, result)` each here as it comes back; returns the work done in all.
-
-    `compute(denoiser, task, **options)` runs on the actors. Progress counts `size(task)` per
-    piece (done before or now) and is reported with `message.format(done=, total=)`. Each task is
-    one block of the dataset, so the actors share the work task by task; results stream back and
-    are written one at a time. The pending tasks are all the worker holds (about 10 KB per scoring
-    shard of 64 images). Actor deaths and lost nodes raise TransientError: the job is retried
-    and resumes from the files written."""
-    done, pending = 0, {}
-    for path, task in pieces:
-        if path.exists():
-            done += size(task)
-        else:
-            pending[len(pending)] = (path, task)
-    if pending:
-        for key, result in _stream(context, weights, pending, compute, options, stage):
-            path, task = pending.pop(key)
-            write(path, task, result)
-            done += size(task)
-            context.progress(done, total, message.format(done=done, total=total), stage=stage)
-            context.check()
-    context.progress(done, total, message.format(done=done, total=total), stage=stage, force=True)
-    return done
+def on_ray(context: JobContext, weights: Path, compute: Callable, options: dict,
+           name: str) -> Executor:
+    """The Ray executor of `worker.pieces.run_pieces`: every pending piece one block of a Ray
+    dataset, computed by `DenoiserActor`s, results streamed back as they finish. The pending
+    tasks are all the worker holds (about 10 KB per scoring shard of 64 images). Actor deaths
+    and lost nodes raise TransientError: the job is retried and resumes from the files written."""
+    def execute(pending_pieces):
+        pending = dict(enumerate(pending_pieces))
+        if pending:
+            for key, result in _stream(context, weights, pending, compute, options, name):
+                path, task = pending.pop(key)
+                yield path, task, result
+    return execute
 
 
 def _stream(context: JobContext, weights: Path, pending: dict, compute: Callable, options: dict,
@@ -119,26 +106,3 @@ def _stream(context: JobContext, weights: Path, pending: dict, compute: Callable
             yield int(row["key"]), pickle.loads(row["result"])
     except lost as error:
         raise TransientError(f"the Ray cluster lost work: {error}") from error
-
-
-# --- the two stages that run here ----------------------------------------------------------
-def score_on_ray(context: JobContext, weights: Path, shards: Iterable, label_ids: list[int], *,
-                 run_id: int, params: dict, total: int) -> int:
-    """Scoring: the shards whose map file is missing; returns the images scored, before and now."""
-    from worker.handlers.score import compute_shard, write_shard
-
-    def write(path, shard, scores):
-        write_shard(context.settings, shard, path, run_id=run_id, scores=scores)
-
-    return run_pieces(context, weights, ((path, shard) for shard, path in shards), compute_shard,
-                      dict(label_ids=label_ids, params=params), write, stage="score",
-                      message="{done}/{total} images", size=len, total=total)
-
-
-def features_on_ray(context: JobContext, weights: Path, parts: list, **options) -> None:
-    """The features stage of mining: the parts whose file is missing."""
-    from worker.handlers.mine import compute_feature_part, write_feature_part
-
-    run_pieces(context, weights, parts, compute_feature_part, options, write_feature_part,
-               stage="features", message="DIFT features", size=lambda part: len(part.paths),
-               total=sum(len(part.paths) for _, part in parts))

@@ -189,23 +189,15 @@ def mine_features(context: JobContext, info: RunInfo) -> None:
 
     A part is computed by `compute_feature_part` and written by `write_feature_part`: here, or,
     with DIFFMINE_RAY_ADDRESS set, on Ray actors (worker/ray_backend.py) and written here."""
-    parts = feature_parts(context, info)
-    if context.settings.ray_address:
-        from worker.ray_backend import features_on_ray
+    from worker.pieces import executor, run_pieces
 
-        features_on_ray(context, info.weights, parts, num_labels=len(info.labels),
-                        resolution=info.resolution, seed=info.seed)
-    else:
-        denoiser, done, total = None, 0, sum(len(part.paths) for _, part in parts)
-        for path, part in parts:
-            if not path.exists():
-                denoiser = denoiser or load_trained(context, info.model_id, info.weights)
-                write_feature_part(path, part, compute_feature_part(
-                    denoiser, part, num_labels=len(info.labels), resolution=info.resolution,
-                    seed=info.seed))
-            done += len(part.paths)
-            context.progress(done, total, "DIFT features", stage="features")
-            context.check()
+    parts = feature_parts(context, info)
+    options = dict(num_labels=len(info.labels), resolution=info.resolution, seed=info.seed)
+    run_pieces(context, parts, executor(context, model_id=info.model_id, weights=info.weights,
+                                        compute=compute_feature_part, options=options,
+                                        name="features"),
+               write_feature_part, stage="features", message="DIFT features",
+               size=lambda part: len(part.paths), total=sum(len(part.paths) for _, part in parts))
     write_index(context, info, [path for path, _ in parts])
 
 

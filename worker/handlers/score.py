@@ -5,9 +5,8 @@ attempt left) and the map file is renamed into place last, so a resumed job neit
 duplicates rows, and the same seed gives the same numbers however the work was interrupted.
 
 A shard is computed by `compute_shard` (denoiser in, numbers out: no database, no files) and
-written by `write_shard`. The worker runs both itself, or, with `DIFFMINE_RAY_ADDRESS` set,
-sends the shards not yet done to Ray actors that run `compute_shard` and writes what comes back
-with the same `write_shard` (worker/ray_backend.py).
+written by `write_shard`, through `worker.pieces.run_pieces`: computed here, or, with
+`DIFFMINE_RAY_ADDRESS` set, on Ray actors (worker/ray_backend.py), and written here either way.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from app.services.runs import Example, examples, labels_of
 from app.settings import Settings
 from worker.context import JobContext
 from worker.handlers.evaluate import denoiser_resolution
-from worker.handlers.models import load_trained
+from worker.pieces import executor, run_pieces
 
 SHARD_IMAGES = 64
 
@@ -54,20 +53,14 @@ def run_score(context: JobContext) -> dict:
     maps_dir = settings.runs_dir / str(run_id) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
     shard_size = params.get("shard_size") or SHARD_IMAGES
-    if settings.ray_address:
-        from worker.ray_backend import score_on_ray
+    execute = executor(context, model_id=model_id, weights=weights, compute=compute_shard,
+                       options=dict(label_ids=label_ids, params=params), name="score")
 
-        done = score_on_ray(context, weights, shards(settings, label_set_id, shard_size, maps_dir),
-                            label_ids, run_id=run_id, params=params, total=total)
-    else:
-        denoiser, done = load_trained(context, model_id, weights), 0
-        for shard, shard_file in shards(settings, label_set_id, shard_size, maps_dir):
-            if not shard_file.exists():
-                write_shard(settings, shard, shard_file, run_id=run_id,
-                            scores=compute_shard(denoiser, shard, label_ids, params))
-            done += len(shard)
-            context.progress(done, total, f"{done}/{total} images", stage="score")
-            context.check()
+    def write(path, shard, scores):
+        write_shard(settings, shard, path, run_id=run_id, scores=scores)
+
+    done = run_pieces(context, shards(settings, label_set_id, shard_size, maps_dir), execute, write,
+                      stage="score", message="{done}/{total} images", size=len, total=total)
     with session_scope(settings) as session:
         run = session.get(MiningRun, run_id)
         run.status, run.stages_done = "scored", sorted(set(run.stages_done or []) | {"score"})
@@ -84,7 +77,7 @@ def preset_for(params: dict):
 
 
 def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
-    """(examples, map file) of every shard in image-id order, read from the database a page at
+    """(map file, examples) of every shard in image-id order, read from the database a page at
     a time."""
     after_id = 0
     while True:
@@ -93,7 +86,7 @@ def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
                              limit=size)
         if not shard:
             return
-        yield shard, maps_dir / f"shard-{shard[0].image_id:09d}.npz"
+        yield maps_dir / f"shard-{shard[0].image_id:09d}.npz", shard
         after_id = shard[-1].image_id
 
 
