@@ -1,6 +1,5 @@
 """The job queue with the real worker process: claiming, failure, cancel, kill and resume."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.ingest import TWEMOJI_CREDIT
-from app.models import (Cluster, ClusterMember, Dataset, Image, ImageScore, Label, MiningRun, Patch,
+from app.models import (Cluster, ClusterMember, Dataset, Image, ImageScore, MiningRun, Patch,
                         TrainedModel)
 from app.services.runs import labels_of
 from app.settings import Settings

@@ -41,3 +41,15 @@ def test_seeded_random_crops_replay(tmp_path):
 def test_one_condition_row_per_path():
     with pytest.raises(ValueError):
         ImageDataset(["a.png", "b.png"], multi_hot([0], 1), 32)
+
+
+def test_load_views_are_the_scoring_views_of_the_dataset(tmp_path):
+    from worker.engine.data import load_views
+
+    paths = []
+    for i, size in enumerate([(40, 24), (24, 40), (32, 32)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.effect_noise(size, 60 + 20 * i).convert("RGB").save(paths[-1])
+    dataset = ImageDataset(paths, multi_hot([0, 0, 0], 1), resolution=16, train=False)
+    expected = torch.stack([dataset[i][0] for i in range(3)])
+    torch.testing.assert_close(load_views(paths, 16), expected, rtol=0, atol=0)

@@ -56,6 +56,13 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
 
 
+def load_views(paths: Sequence[str | Path], resolution: int) -> torch.Tensor:
+    """The images as the model scores them, [B, 3, R, R] in [-1, 1]: shorter side resized to R,
+    centre crop (what `ImageDataset(train=False)` gives, without conditions)."""
+    return torch.stack([to_tensor(ImageDataset.centre_crop(resize_shorter_side(load_rgb(p), resolution),
+                                                          resolution)) for p in paths])
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """(image paths, multi-hot rows) -> (image [3, R, R] in [-1, 1], condition [L])."""
 
@@ -82,12 +89,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return to_tensor(self.crop(image, crop_seed)), self.conditions[index]
 
     def crop(self, image: Image.Image, crop_seed: int | None) -> Image.Image:
+        if not self.train:
+            return self.centre_crop(image, self.resolution)
         width, height = image.size
         size = self.resolution
-        if self.train:
-            # Without a seed, Python's global RNG: fine for ad-hoc loaders, not for exact resume.
-            rng = random.Random(crop_seed) if crop_seed is not None else random
-            left, top = rng.randint(0, width - size), rng.randint(0, height - size)
-        else:
-            left, top = (width - size) // 2, (height - size) // 2
+        # Without a seed, Python's global RNG: fine for ad-hoc loaders, not for exact resume.
+        rng = random.Random(crop_seed) if crop_seed is not None else random
+        left, top = rng.randint(0, width - size), rng.randint(0, height - size)
+        return image.crop((left, top, left + size, top + size))
+
+    @staticmethod
+    def centre_crop(image: Image.Image, size: int) -> Image.Image:
+        width, height = image.size
+        left, top = (width - size) // 2, (height - size) // 2
         return image.crop((left, top, left + size, top + size))

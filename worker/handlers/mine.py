@@ -231,13 +231,12 @@ def compute_feature_part(denoiser, part: FeaturePart, *, num_labels: int, resolu
     """[patches, C] float32 DIFT features of a part's patches, in `patch_ids` order."""
     import torch
 
-    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.data import load_views, multi_hot
     from worker.engine.dift import patch_features
 
-    dataset = ImageDataset(part.paths, multi_hot(part.label_indices, num_labels),
-                           resolution=resolution, train=False)
-    pixels = torch.stack([dataset[i][0] for i in range(len(part.paths))])
-    features = patch_features(denoiser, pixels, dataset.conditions, part.boxes, seed=seed)
+    pixels = load_views(part.paths, resolution)
+    conditions = multi_hot(part.label_indices, num_labels)
+    features = patch_features(denoiser, pixels, conditions, part.boxes, seed=seed)
     return torch.cat(features).cpu().numpy().astype(np.float32)
 
 
@@ -421,9 +420,8 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     The first `trend_members` members of each cluster are scored under every label with shared
     draws (one all-label typicality map per member image), each member's box read from those
     maps as in patch selection, and the median over members stored as `Cluster.trend`."""
-    import torch
 
-    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.data import load_views
     from worker.engine.patches import model_top_left, patch_scores
     from worker.engine.typicality import label_scores
     from worker.handlers.score import preset_for
@@ -446,10 +444,8 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     per_cluster: dict[int, list[np.ndarray]] = defaultdict(list)
     for start in range(0, len(images), FEATURE_BATCH):
         batch = images[start:start + FEATURE_BATCH]
-        dataset = ImageDataset([str(context.settings.home_dir / members[0].stored_path)
-                                for members in batch], multi_hot([0] * len(batch), len(info.labels)),
-                               resolution=info.resolution, train=False)
-        pixels = torch.stack([dataset[i][0] for i in range(len(batch))])
+        pixels = load_views([context.settings.home_dir / members[0].stored_path
+                             for members in batch], info.resolution)
         scores = label_scores(denoiser, pixels, preset, seed=info.seed, maps=True)
         for members, maps in zip(batch, scores.maps):
             grid = patch_scores(maps, info.resolution, info.patch_size)  # [L, Hs, Ws]

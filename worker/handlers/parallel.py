@@ -123,7 +123,7 @@ def translate_chunks(context, denoiser, folder: Path, chunks, num_labels: int, r
                      options: dict) -> None:
     import torch
 
-    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.data import load_views, multi_hot
     from worker.engine.presets import FAST
     from worker.engine.translation import translate_batch
     from worker.engine.typicality import typicality
@@ -134,10 +134,9 @@ def translate_chunks(context, denoiser, folder: Path, chunks, num_labels: int, r
     for number, chunk in enumerate(chunks):
         target = chunk_file(folder, number)
         if not target.exists():
-            dataset = ImageDataset([e["path"] for e in chunk], multi_hot([e["labels"] for e in chunk], num_labels),
-                                   resolution=resolution, train=False)
-            images = torch.stack([dataset[i][0] for i in range(len(chunk))])
-            results = translate_batch(denoiser, images, dataset.conditions, eye,
+            images = load_views([e["path"] for e in chunk], resolution)
+            conditions = multi_hot([e["labels"] for e in chunk], num_labels)
+            results = translate_batch(denoiser, images, conditions, eye,
                                       invert_steps=options["invert_steps"], sample_steps=options["sample_steps"],
                                       guidance=options["guidance"], sdedit_strength=options["sdedit_strength"],
                                       seed=options["seed"], pnp=options["pnp"],

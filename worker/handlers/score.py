@@ -93,15 +93,12 @@ def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
 def compute_shard(denoiser, shard: list[Example], label_ids: list[int],
                   params: dict) -> ShardScores:
     """Typicality of a shard's images under their own labels (and every label with all_labels)."""
-    import torch
 
-    from worker.engine.data import ImageDataset, multi_hot
+    from worker.engine.data import load_views, multi_hot
     from worker.engine.typicality import label_scores, typicality
 
     preset, seed = preset_for(params), params["seed"]
-    dataset = ImageDataset([e.path for e in shard], multi_hot([[0]] * len(shard), len(label_ids)),
-                           resolution=denoiser_resolution(denoiser), train=False)
-    images = torch.stack([dataset[i][0] for i in range(len(shard))])
+    images = load_views([e.path for e in shard], denoiser_resolution(denoiser))
     # One row per (image, own label): a multi-label image is scored under each of its labels.
     rows = [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
     own = typicality(denoiser, images[[i for i, _ in rows]],
