@@ -77,3 +77,17 @@ def test_the_model_before_fine_tuning_is_a_baseline_through_the_same_pipeline(mi
     unet = "unet/diffusion_pytorch_model.safetensors"
     before, after = load_file(base / unet), load_file(home / f"models/{result['model']}/weights/{unet}")
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
+def test_half_precision_scoring_on_a_cpu_worker_fails_clearly_and_keeps_the_run(mined_settings):
+    """fp16 autocast is for GPUs; on a CPU worker the job says so and the earlier run is untouched."""
+    import subprocess
+    import sys
+
+    before = cluster_table(mined_settings)
+    done = subprocess.run([sys.executable, "-m", "app.cli", "score", "1", "--preset", "fast", "--draws", "2",
+                           "--precision", "fp16", "--home", str(mined_settings.home_dir), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "fp16 scoring needs a GPU" in done.stdout + done.stderr
+    assert cluster_table(mined_settings) == before

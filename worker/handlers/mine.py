@@ -439,8 +439,8 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
         by_image[row.image_id].append(row)
     images = list(by_image.values())
     draws = {"draws": info.trend_draws} if info.trend_draws else {}
-    preset = preset_for({**info.params, **draws})
     denoiser = load_trained(context, info.model_id, info.weights)
+    preset = preset_for({**info.params, **draws}, next(denoiser.parameters()).device.type)
     per_cluster: dict[int, list[np.ndarray]] = defaultdict(list)
     for start in range(0, len(images), FEATURE_BATCH):
         batch = images[start:start + FEATURE_BATCH]

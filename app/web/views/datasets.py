@@ -18,7 +18,7 @@ router = APIRouter(tags=["datasets"])
 #: The run form's choices and defaults: "fast" is the quick look, "paper" the reference recipe.
 RUN_DEFAULTS = {"preset": "fast", "backend": "pixel", "steps": 1500, "draws": None, "size": "small",
                 "resolution": None, "batch_size": None, "per_label": None, "clusters": None,
-                "all_labels": True, "seed": 0, "base": ""}
+                "all_labels": True, "seed": 0, "base": "", "precision": "fp32"}
 
 
 @router.get("/", summary="Datasets, their label sets and runs; the upload form")
@@ -107,7 +107,7 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
             session, settings, dataset=dataset.id, label_set=label_set, backend=backend,
             seed=_int(form, "seed", 0, 2**31) or 0, preset=preset,
             draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"], mine=mine,
-            **config)
+            precision=form.get("precision") or "fp32", **config)
     except (ValueError, NotFound) as error:
         session.rollback()
         data = dataset_page_data(session, _dataset_or_404(session, dataset_id))
