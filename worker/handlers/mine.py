@@ -440,7 +440,7 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     images = list(by_image.values())
     draws = {"draws": info.trend_draws} if info.trend_draws else {}
     denoiser = load_trained(context, info.model_id, info.weights)
-    preset = preset_for({**info.params, **draws}, next(denoiser.parameters()).device.type)
+    preset = preset_for({**info.params, **draws}, denoiser)
     per_cluster: dict[int, list[np.ndarray]] = defaultdict(list)
     for start in range(0, len(images), FEATURE_BATCH):
         batch = images[start:start + FEATURE_BATCH]
