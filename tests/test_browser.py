@@ -20,7 +20,10 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 LABELS, PER_LABEL = ("Bear", "Cat", "Zebra"), 8
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+# CI sets DIFFMINE_REQUIRE_BROWSER=1 (.ci/run): there a missing chromium fails the run instead
+# of skipping the flow the web app is accepted on.
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get("DIFFMINE_REQUIRE_BROWSER") != "1",
+                                reason="needs Debian's chromium")
 
 
 def free_port() -> int:

@@ -86,6 +86,17 @@ def test_label_names_are_escaped_in_galleries(mined_settings, client):
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in client.get("/runs/1/labels/1").text
 
 
+def test_dataset_and_file_names_are_escaped_everywhere(mined_settings, client):
+    with engine_for(mined_settings.db_url).begin() as conn:
+        conn.execute(text("UPDATE datasets SET name = :n"), {"n": EVIL})
+        conn.execute(text("UPDATE images SET original_path = :n"), {"n": EVIL + ".png"})
+    for url in ("/", "/datasets/1", "/runs/1", "/runs/1/labels/1", "/runs/1/compare?a=1&b=2",
+                "/clusters/1", "/images/1", "/patches/1", "/jobs"):
+        html = client.get(url).text
+        assert EVIL not in html, url
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;.png" in client.get("/images/1").text
+
+
 @pytest.mark.parametrize("url", ["/runs/1/labels/1", "/runs/1", "/clusters/1", "/images/5",
                                  "/patches/1", "/patches/1/similar?label=1", "/"])
 def test_pages_read_through_indexes_not_whole_tables(mined_settings, client, url):

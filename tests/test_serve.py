@@ -1,0 +1,66 @@
+"""`diffmine serve --with-worker` (what `diffmine demo` ends with): the pages are served and what a
+visitor starts from them gets done by the worker beside the server, which stops with it."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+
+from tests.cli_helpers import diffmine_json
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def wait_for(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def workers_of(home) -> list:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "worker" in (p.info["cmdline"] or []) and str(home) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_translation_queued_while_serving_is_done_by_the_worker_beside_it(mined_settings):
+    home, port = mined_settings.home_dir, free_port()
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--with-worker", "--home", str(home),
+                               "--port", str(port)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(base + "/static/style.css", 60)
+        queued = diffmine_json(home, "translate", "--patch", "1", "--invert-steps", "4", "--sample-steps", "2",
+                               "--queue")
+        deadline, job = time.monotonic() + 300, {}
+        while time.monotonic() < deadline:
+            job = get_json(f"{base}/jobs/{queued['job']}.json")
+            if job["status"] not in ("queued", "running"):
+                break
+            time.sleep(1)
+        assert job["status"] == "succeeded", job
+        assert len(workers_of(home)) == 1
+    finally:
+        server.send_signal(signal.SIGINT)  # as Ctrl-C does
+        server.wait(timeout=60)
+    time.sleep(0.5)
+    assert not workers_of(home)  # the worker went with the server
