@@ -27,6 +27,10 @@ def command(name: str):
     return register
 
 
+# Bars still drawn when a command fails: main() closes them, so the error gets a line of its own.
+open_bars: list = []
+
+
 def progress_bar(description: str, json_mode: bool):
     """A progress callback(done, total) drawing a tqdm bar on stderr (not when piped in --json)."""
     from tqdm import tqdm
@@ -38,6 +42,7 @@ def progress_bar(description: str, json_mode: bool):
         if bar is None:
             bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr,
                        disable=json_mode and not sys.stderr.isatty(), dynamic_ncols=True)
+            open_bars.append(bar)
         bar.total = total
         if message:
             bar.set_postfix_str(message, refresh=False)
@@ -349,9 +354,11 @@ def cmd_translate(args, settings: Settings) -> dict:
 
 @command("ingest")
 def cmd_ingest(args, settings: Settings) -> dict:
-    from app.ingest import ingest_dataset
+    from app.ingest import default_dataset_name, ingest_dataset
 
-    params = dict(source=args.source, name=args.name, manifest=args.manifest,
+    # Named here, not in the service, so that a queued job's parameters carry the name too.
+    name = args.name or default_dataset_name(args.source)
+    params = dict(source=args.source, name=name, manifest=args.manifest,
                   path_column=args.path_column, label_columns=args.label_column or [],
                   bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
                   in_place=args.in_place, seed=args.seed, limit_per_label=args.limit_per_label,
@@ -476,7 +483,8 @@ def run_side_by_side(settings: Settings, job_ids: list[int], *, json_mode: bool)
 
     cores = os.cpu_count() or 1
     count = max(1, min(len(job_ids), cores))
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // count)))
+    env = dict(os.environ, **settings_environment(settings),
+               OMP_NUM_THREADS=str(max(1, cores // count)))
     logs = settings.home_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     workers = []
@@ -500,13 +508,22 @@ def run_side_by_side(settings: Settings, job_ids: list[int], *, json_mode: bool)
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", help="data directory (default: $DIFFMINE_HOME or ./diffmine-data)")
+    add_setting_flag(common, "database_url", "SQLAlchemy URL (default: $DIFFMINE_DATABASE_URL, "
+                                             "else SQLite in the data directory)")
+    add_setting_flag(common, "device", "torch device: auto (cuda, then mps, then cpu), cuda, cuda:1, "
+                                       "cpu... (default: $DIFFMINE_DEVICE or auto)")
+    # The environment variable is the safer way to pass a secret: a flag shows in `ps`.
+    add_setting_flag(common, "token", "access token every web request then needs (default: "
+                                      "$DIFFMINE_TOKEN or none; prefer the variable: flags show in ps)")
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser = argparse.ArgumentParser(prog="diffmine", parents=[common], description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ingest = sub.add_parser("ingest", parents=[common], help="add a labeled image dataset")
     ingest.add_argument("source", help="a zip, a folder, or builtin:twemoji / builtin:animals")
-    ingest.add_argument("--name", required=True)
+    ingest.add_argument("--name", help="dataset name (default: the builtin's name for builtin:NAME, "
+                                       "the file name without its suffix for a zip or CSV, the "
+                                       "folder's name for a folder)")
     ingest.add_argument("--manifest", help="CSV or JSONL manifest (default: manifest.csv/.jsonl in the source)")
     ingest.add_argument("--path-column")
     ingest.add_argument("--label-column", action="append", help="repeatable: one label set each")
@@ -655,9 +672,26 @@ def add_queue_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="queue it and follow it to the end")
 
 
+# Settings fields that have a flag; every other field is set by its DIFFMINE_ variable only.
+SETTING_FLAGS = ("home", "host", "port", "database_url", "device", "token")
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, field: str, help: str) -> None:
+    """A flag for a field of Settings, spelled like it (database_url -> --database-url)."""
+    assert field in Settings.model_fields and field in SETTING_FLAGS, field
+    parser.add_argument("--" + field.replace("_", "-"), help=help)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The flagged settings as DIFFMINE_ variables, so that a child process (a worker started
+    with only --home) uses the same database, device and token as the command that started it."""
+    return {f"DIFFMINE_{field.upper()}": str(value) for field in SETTING_FLAGS
+            if (value := getattr(settings, field)) is not None}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {k: getattr(args, k) for k in ("home", "host", "port")
-                 if getattr(args, k, None) is not None}
+    """The environment's settings, with the flags given on the command line overriding them."""
+    overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
     return Settings(**overrides)
 
 
@@ -677,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
 
         known = isinstance(exc, (IngestError, CommandError, FileNotFoundError, LookupError))
         reason = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        for bar in open_bars:
+            bar.close()  # a no-op for a bar already closed
         print(f"diffmine {args.command}: {reason}".replace("\n", " "), file=sys.stderr)
         if os.environ.get("DIFFMINE_TRACEBACK"):
             raise

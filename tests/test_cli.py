@@ -53,3 +53,57 @@ def test_home_from_environment(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)["datasets"] == []
     assert (tmp_path / "envhome" / "diffmine.sqlite").exists()
+
+
+def test_ingest_names_the_dataset_after_its_zip(settings, tmp_path):
+    archive = write_zip(tmp_path / "pets.zip", label_files({"cat": 6, "dog": 5}))
+    done = diffmine("ingest", str(archive), "--json", home=settings.home_dir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dataset"] == "pets"
+
+
+NOT_AN_IMAGE = "diffmine ingest: dog/readme.txt: not an image file (Pillow cannot identify it)"
+
+
+def bad_zip(tmp_path):
+    files = label_files({"cat": 6, "dog": 5})
+    files["dog/readme.txt"] = b"not an image"
+    return write_zip(tmp_path / "bad.zip", files)
+
+
+def test_failed_ingest_into_a_new_folder_leaves_no_folder(tmp_path):
+    home = tmp_path / "new-home"
+    done = diffmine("ingest", str(bad_zip(tmp_path)), "--json", home=home)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [NOT_AN_IMAGE]
+    assert not home.exists()
+
+
+def test_failed_ingest_into_an_empty_folder_leaves_it_empty(tmp_path):
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    done = diffmine("ingest", str(bad_zip(tmp_path)), home=home)
+    assert done.returncode == 1
+    # Without --json a progress bar was drawn: the error still has a line of its own.
+    assert done.stderr.splitlines()[-1] == NOT_AN_IMAGE
+    assert list(home.iterdir()) == []  # no database, no staging/ folder
+
+
+def test_successful_ingest_leaves_no_staging_folder(settings, tmp_path):
+    archive = write_zip(tmp_path / "pets.zip", label_files({"cat": 6, "dog": 5}))
+    assert diffmine("ingest", str(archive), home=settings.home_dir).returncode == 0
+    assert not settings.staging_dir.exists()
+
+
+def test_database_url_flag(tmp_path):
+    home, database = tmp_path / "home", tmp_path / "other.sqlite"
+    archive = write_zip(tmp_path / "pets.zip", label_files({"cat": 6, "dog": 5}))
+    url = f"sqlite:///{database}"
+    done = diffmine("ingest", str(archive), "--database-url", url, "--json", home=home)
+    assert done.returncode == 0, done.stderr
+    assert database.exists() and not (home / "diffmine.sqlite").exists()
+
+    listed = diffmine("datasets", "--database-url", url, "--json", home=home)
+    assert [d["name"] for d in json.loads(listed.stdout)["datasets"]] == ["pets"]
+    in_home = diffmine("datasets", "--json", home=home)
+    assert json.loads(in_home.stdout)["datasets"] == []

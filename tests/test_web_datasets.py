@@ -2,7 +2,7 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from app.ingest import ingest_dataset
+from app.ingest import TWEMOJI_CREDIT, ingest_dataset
 from app.web import create_app
 from tests.conftest import png_bytes, write_zip
 
@@ -52,3 +52,19 @@ def test_files_are_served_with_cache_headers_and_the_database_is_not(client):
 
 def test_unknown_dataset_is_404(client):
     assert client.get("/datasets/99").status_code == 404
+
+
+def test_twemoji_credit_on_the_home_and_dataset_pages(settings):
+    # Twemoji's CC-BY licence asks for the credit wherever its images are shown.
+    ingest_dataset(settings, source="builtin:twemoji", name="emoji", limit_per_label=5,
+                   min_images_per_label=1)  # a 5-per-category sample leaves years with fewer
+    client = TestClient(create_app(settings))
+    for url in ("/", "/datasets/1"):
+        page = client.get(url)
+        assert page.status_code == 200
+        assert f'<p class="credit">{TWEMOJI_CREDIT}</p>' in page.text
+
+
+def test_no_twemoji_credit_for_other_datasets(client):
+    assert TWEMOJI_CREDIT not in client.get("/").text
+    assert TWEMOJI_CREDIT not in client.get("/datasets/1").text

@@ -7,13 +7,15 @@ import re
 import shutil
 import uuid
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from sqlalchemy import insert, select
+from sqlalchemy.engine import make_url
 
-from app.db import session_scope, upgrade
+from app.db import engine_for, session_scope, upgrade
 from app.ingest.builtin import builtin_source
 from app.ingest.entries import Entry, LabelSetSpec
 from app.ingest.errors import IngestError
@@ -64,38 +66,95 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
     name = _check_name(name)
     if not 0 <= holdout < 1:
         raise IngestError(f"holdout fraction must be in [0, 1), got {holdout}")
-    upgrade(settings)
-    with session_scope(settings) as session:
-        if session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
-            raise IngestError(f"a dataset named {name!r} already exists")
+    with _nothing_new_on_failure(settings):
+        upgrade(settings)
+        with session_scope(settings) as session:
+            if session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
+                raise IngestError(f"a dataset named {name!r} already exists")
 
-    if source.startswith("builtin:"):
-        entries, specs, close = builtin_source(source.removeprefix("builtin:"),
-                                               limit_per_label=limit_per_label, seed=seed)
-    else:
-        options = ManifestOptions(path_column=path_column, label_columns=list(label_columns),
-                                  bin_years=bin_years, multi_sep=multi_sep)
-        limits = ZipLimits(settings.max_zip_entries, settings.max_upload_bytes,
-                           settings.max_zip_ratio)
-        entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
-                                            options=options, limits=limits, in_place=in_place)
-    if plant_mark:
-        entries = plant_marks(entries, Mark(plant_mark, plant_fraction, plant_size, seed))
-    # A job passes its own key, so a retry after a killed worker clears the dead attempt's files.
-    staging = settings.staging_dir / (staging_key or uuid.uuid4().hex)
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        kept, duplicates = _stage_images(settings, entries, staging, progress)
-        label_sets = _label_sets(kept, specs, min_images_per_label or settings.min_images_per_label)
-        _assign_holdout(kept, next(iter(label_sets)), holdout, seed)
-        _commit(settings, name=name, source=source, in_place=in_place, kept=kept,
-                label_sets=label_sets, specs=specs, staging=staging)
-    finally:
-        close()
+        if source.startswith("builtin:"):
+            entries, specs, close = builtin_source(source.removeprefix("builtin:"),
+                                                   limit_per_label=limit_per_label, seed=seed)
+        else:
+            options = ManifestOptions(path_column=path_column, label_columns=list(label_columns),
+                                      bin_years=bin_years, multi_sep=multi_sep)
+            limits = ZipLimits(settings.max_zip_entries, settings.max_upload_bytes,
+                               settings.max_zip_ratio)
+            entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
+                                                options=options, limits=limits, in_place=in_place)
+        if plant_mark:
+            entries = plant_marks(entries, Mark(plant_mark, plant_fraction, plant_size, seed))
+        # A job passes its own key, so a retry after a killed worker clears the dead attempt's files.
+        staging = settings.staging_dir / (staging_key or uuid.uuid4().hex)
         shutil.rmtree(staging, ignore_errors=True)
-    return IngestReport(dataset=name, images=len(kept), duplicates=len(duplicates),
-                        duplicate_paths=duplicates,
-                        label_sets={s: dict(c) for s, c in label_sets.items()})
+        try:
+            kept, duplicates = _stage_images(settings, entries, staging, progress)
+            label_sets = _label_sets(kept, specs, min_images_per_label or settings.min_images_per_label)
+            _assign_holdout(kept, next(iter(label_sets)), holdout, seed)
+            _commit(settings, name=name, source=source, in_place=in_place, kept=kept,
+                    label_sets=label_sets, specs=specs, staging=staging)
+        finally:
+            close()
+            shutil.rmtree(staging, ignore_errors=True)
+        return IngestReport(dataset=name, images=len(kept), duplicates=len(duplicates),
+                            duplicate_paths=duplicates,
+                            label_sets={s: dict(c) for s, c in label_sets.items()})
+
+
+def default_dataset_name(source: str) -> str:
+    """The name a dataset gets when none is given: builtin:NAME -> NAME, a zip or CSV file -> its
+    file name without the suffix, a folder -> the folder's name."""
+    if source.startswith("builtin:"):
+        return source.removeprefix("builtin:")
+    path = Path(source)
+    # resolve() so that "." or "photos/" name the folder itself
+    return path.resolve().name if path.is_dir() else path.stem
+
+
+@contextmanager
+def _nothing_new_on_failure(settings: Settings) -> Iterator[None]:
+    """Bad input leaves nothing behind: when the ingest fails, remove the data folder, SQLite
+    file and staging folder that it created itself (an ingest into a folder that did not exist
+    yet would otherwise leave an empty database there). Paths that were there before are kept.
+    The staging folder, once empty, goes after a successful ingest too."""
+    created = [path for path in (settings.home_dir, _sqlite_file(settings))
+               if path is not None and not path.exists()]
+    # Only ever removed empty: another ingest may be staging its own files in it meanwhile.
+    staging_created = not settings.staging_dir.exists()
+    try:
+        yield
+    except BaseException:
+        # Pooled connections would keep writing to the file unlinked below.
+        engine_for(settings.db_url).dispose()
+        for path in created:
+            _remove(path)
+        raise
+    finally:
+        if staging_created:
+            _remove_if_empty(settings.staging_dir)
+
+
+def _sqlite_file(settings: Settings) -> Path | None:
+    url = make_url(settings.db_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    # SQLite's write-ahead log and shared-memory files sit beside the database.
+    for companion in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        companion.unlink(missing_ok=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (another ingest or an upload is staging there) or already gone
 
 
 def _check_name(name: str) -> str:
