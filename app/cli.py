@@ -451,7 +451,27 @@ def cmd_serve(args, settings: Settings) -> None:
     upgrade(settings)
     print(f"diffmine is serving {settings.home_dir} at http://{settings.host}:{settings.port}/",
           flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    # A worker beside the server, so that what a visitor starts (a translation click, a run)
+    # gets done: the web process itself never runs a model.
+    worker = start_worker(settings) if args.with_worker else None
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+
+
+def start_worker(settings: Settings):
+    """A `diffmine worker` process for this data directory, its log in logs/worker-serve.log."""
+    import subprocess
+
+    logs = settings.home_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "worker-serve.log", "ab") as log:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(settings.home_dir),
+                                 "--worker-id", "serve"], env=dict(os.environ, **settings_environment(settings)),
+                                stdout=subprocess.DEVNULL, stderr=log)
 
 
 @command("demo")
@@ -472,6 +492,7 @@ def cmd_demo(args, settings: Settings) -> None:
     for result in run_side_by_side(settings, jobs, json_mode=args.json):
         print(f"Mined run {result['run']}: {result['patches']} patches in {result['clusters']} "
               f"clusters.", flush=True)
+    args.with_worker = True  # translation clicks and new runs from the pages need one
     cmd_serve(args, settings)
 
 
@@ -648,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, parents=[common], help=text)
         cmd.add_argument("--host")
         cmd.add_argument("--port", type=int)
+        if name == "serve":
+            cmd.add_argument("--with-worker", action="store_true",
+                             help="also run a worker for this data directory until the server stops")
         if name == "demo":
             cmd.add_argument("--seed", type=int, default=0)
             cmd.add_argument("--retrain", action="store_true",
