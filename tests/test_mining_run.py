@@ -4,7 +4,7 @@ from sqlalchemy import func, select
 
 from app.cli import main as diffmine
 from app.db import session_scope
-from app.models import Cluster, ClusterMember, ImageScore, MiningRun, Patch
+from app.models import Cluster, ClusterMember, ImageLabel, ImageScore, MiningRun, Patch
 
 
 def cluster_table(settings):
@@ -21,7 +21,7 @@ def test_every_image_is_scored_once_per_label(mined_settings):
         pairs = session.execute(select(ImageScore.image_id, func.count()).group_by(ImageScore.image_id)).all()
         maps = session.scalar(select(func.count()).where(ImageScore.map_path.is_not(None)))
     assert len(pairs) == 120 and {n for _, n in pairs} == {10}  # --all-labels: every label
-    assert maps == 120  # a map for each image's own label
+    assert maps == 1200  # --all-labels keeps a map under every label too
 
 
 def test_patches_clusters_and_their_order(mined_settings):
@@ -32,6 +32,9 @@ def test_patches_clusters_and_their_order(mined_settings):
         assert set(run.stages_done) == {"score", "patches", "features", "clusters", "crops"}
         patches = session.scalars(select(Patch)).all()
         assert 0 < len(patches) <= 10 * 20
+        # Patches of a label come from its images, though the run kept maps under every label.
+        own = set(session.execute(select(ImageLabel.image_id, ImageLabel.label_id)).tuples())
+        assert {(p.image_id, p.label_id) for p in patches} <= own
         for patch in patches:
             assert (home / patch.crop_path).is_file()
             assert 0 <= patch.x0 < patch.x1 <= 28 and 0 <= patch.y0 < patch.y1 <= 28

@@ -117,8 +117,9 @@ def heatmap_path(settings: Settings, run_id: int, image_id: int, label_id: int) 
 def heatmap_file(settings: Settings, session: Session, *, run_id: int, image_id: int,
                  label_id: int) -> Path | None:
     """The heatmap PNG, rendered on first request and kept: colour = typicality scaled by the
-    image's largest value over its labels, alpha = the same value (transparent where the label
-    does not help), so the page can threshold it."""
+    image's largest value over the labels it has maps under (every label in an all_labels run,
+    so switching labels on the page compares like with like), alpha = the same value
+    (transparent where the label does not help), so the page can threshold it."""
     target = heatmap_path(settings, run_id, image_id, label_id)
     if target.is_file():
         return target

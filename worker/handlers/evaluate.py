@@ -75,14 +75,18 @@ def box_metrics(context: JobContext, run_id: int, label_set_id: int, resolution:
     from sklearn.metrics import average_precision_score
     from sqlalchemy import select
 
-    from app.models import Image, ImageScore, Label
+    from app.models import Image, ImageLabel, ImageScore, Label
     from worker.engine.patches import box_to_model
 
     with session_scope(context.settings) as session:
         names = dict(session.execute(select(Label.name, Label.id).where(Label.label_set_id == label_set_id)).all())
+        # Own labels' maps only: all_labels runs keep a map under every label too, and a box
+        # shows where the image's label is, not where another label would be.
         rows = session.execute(
             select(Image.width, Image.height, Image.extra, ImageScore.label_id, ImageScore.map_path)
             .join(ImageScore, ImageScore.image_id == Image.id)
+            .join(ImageLabel, (ImageLabel.image_id == ImageScore.image_id)
+                  & (ImageLabel.label_id == ImageScore.label_id))
             .where(ImageScore.run_id == run_id, Image.extra.is_not(None),
                    ImageScore.map_path.is_not(None))).all()
     truths, scores = [], []

@@ -32,7 +32,8 @@ SHARD_IMAGES = 64
 class ShardScores:
     """One shard's results before they are written."""
 
-    #: "imageid_labelid" -> typicality map (float16), one per (image, own label)
+    #: "imageid_labelid" -> typicality map (float16), one per record: (image, own label), and
+    #: (image, any label) with all_labels
     maps: dict[str, np.ndarray]
     #: ImageScore values without run_id and map_path; `map_key` names the row's map, if any
     records: list[dict]
@@ -109,34 +110,70 @@ def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
 
 def compute_shard(denoiser, shard: list[Example], label_ids: list[int],
                   params: dict) -> ShardScores:
-    """Typicality of a shard's images under their own labels (and every label with all_labels)."""
+    """Typicality of a shard's images under their own labels (and every label with all_labels),
+    with a map for every row."""
 
-    from worker.engine.data import load_views, multi_hot
-    from worker.engine.typicality import label_scores, typicality
+    from worker.engine.data import load_views
 
     preset, seed = preset_for(params, denoiser), params["seed"]
     images = load_views([e.path for e in shard], denoiser_resolution(denoiser))
+    scores = ShardScores(maps={}, records=[])
+    records = own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores.maps)
+    if params.get("all_labels"):
+        every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores.maps, records)
+    scores.records = list(records.values())
+    return scores
+
+
+def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps) -> dict:
+    """(image, label) -> record under each own label, its map added to `maps`."""
+    from worker.engine.data import multi_hot
+    from worker.engine.typicality import typicality
+
     # One row per (image, own label): a multi-label image is scored under each of its labels.
     rows = [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
     own = typicality(denoiser, images[[i for i, _ in rows]],
                      multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed)
-    maps, records = {}, {}
+    records = {}
     for r, (i, label) in enumerate(rows):
-        key = f"{shard[i].image_id}_{label_ids[label]}"
-        maps[key] = own.maps[r].cpu().numpy().astype(np.float16)
-        records[(shard[i].image_id, label_ids[label])] = dict(
-            image_id=shard[i].image_id, label_id=label_ids[label], typicality=float(own.scores[r]),
-            std_error=float(own.stderr[r]), loss=None, map_key=key)
-    if params.get("all_labels"):
-        everything = label_scores(denoiser, images, preset, seed=seed)
-        for i, example in enumerate(shard):
-            for m, label_id in enumerate(label_ids):
-                record = records.setdefault((example.image_id, label_id), dict(
-                    image_id=example.image_id, label_id=label_id,
-                    typicality=float(everything.typicality[i, m]),
-                    std_error=float(everything.stderr[i, m]), map_key=None))
-                record["loss"] = float(everything.label_losses[i, m])
-    return ShardScores(maps=maps, records=list(records.values()))
+        image_id, label_id = shard[i].image_id, label_ids[label]
+        maps[map_key(image_id, label_id)] = own.maps[r].cpu().numpy().astype(np.float16)
+        records[(image_id, label_id)] = dict(
+            image_id=image_id, label_id=label_id, typicality=float(own.scores[r]),
+            std_error=float(own.stderr[r]), loss=None, map_key=map_key(image_id, label_id))
+    return records
+
+
+def every_label_scores(denoiser, shard, images, label_ids, preset, seed, maps, records) -> None:
+    """Every image under every label (the diffusion-classifier view): a loss on every record,
+    and a record and map for each label the image does not have.
+
+    Own labels keep typicality()'s numbers and map, the reference rows. The other maps are kept
+    so the image page can show a heatmap under any label; they cost no extra forward passes (the
+    loss maps are summed either way) but disk: labels x map size per image, float16, 2.2 KiB per
+    label at 32x32 with the npz headers (22 KiB an image for 10 labels: a 64-image shard grows
+    from 143 KiB to 1.4 MiB) and 8.2 KiB per label for SD's 64x64 latents (82 KiB an image for
+    10 labels, about a 512 px JPEG of the image). Acceptable: only all_labels runs pay it, and
+    they already pay (labels + 1) forward passes per draw, which costs far more than the disk.
+    """
+    from worker.engine.typicality import label_scores
+
+    everything = label_scores(denoiser, images, preset, seed=seed, maps=True)
+    every_map = everything.maps.cpu().numpy().astype(np.float16)  # [B, M, h, w]
+    for i, example in enumerate(shard):
+        for m, label_id in enumerate(label_ids):
+            key = map_key(example.image_id, label_id)
+            maps.setdefault(key, every_map[i, m])
+            record = records.setdefault((example.image_id, label_id), dict(
+                image_id=example.image_id, label_id=label_id,
+                typicality=float(everything.typicality[i, m]),
+                std_error=float(everything.stderr[i, m]), map_key=key))
+            record["loss"] = float(everything.label_losses[i, m])
+
+
+def map_key(image_id: int, label_id: int) -> str:
+    """The map's name in its shard file (and after the ':' of ImageScore.map_path)."""
+    return f"{image_id}_{label_id}"
 
 
 def write_shard(settings: Settings, shard: list[Example], shard_file: Path, *, run_id: int,

@@ -72,5 +72,6 @@ def heatmap(run_id: int, image_id: int, label_id: int, session: SessionDep, sett
     path = heatmap_file(settings, session, run_id=run_id, image_id=image_id, label_id=label_id)
     if path is None:
         raise HTTPException(404, f"Run {run_id} kept no typicality map of image {image_id} under "
-                                 f"label {label_id} (maps are kept for an image's own labels).")
+                                 f"label {label_id} (runs keep maps for an image's own labels, and for "
+                                 "every label when scored with --all-labels).")
     return FileResponse(path, media_type="image/png", headers=CACHE_FOREVER)
