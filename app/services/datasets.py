@@ -50,7 +50,9 @@ def load_dataset(session: Session, dataset_id: int) -> Dataset | None:
 
 
 def sample_images(session: Session, label_id: int, *, limit: int = 8) -> list[Image]:
-    """A few images of a label, by id: an index range scan, never the whole table."""
+    """A few images of a label, by id: an index range scan, never the whole table. The dataset
+    page makes one such query per label on purpose: one window-function query over all labels
+    would read every image-label row of the dataset to keep 8 per label."""
     return list(session.scalars(
         select(Image).join(ImageLabel, ImageLabel.image_id == Image.id)
         .where(ImageLabel.label_id == label_id).order_by(Image.id).limit(limit)))
