@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.models import Job, TrainedModel
 from app.settings import Settings
 from tests.small_data import animal_folder
+from worker.engine.training import latest_checkpoint
 
 TRAIN = ["--size", "tiny", "--batch-size", "4", "--lr", "1e-3"]
 #: weights agree to float rounding (summation order differs, and Adam amplifies it where
@@ -104,10 +105,11 @@ def test_the_worker_follows_a_launch_and_a_cancel_stops_it(home, capsys, start_w
     run_cli(capsys, "cancel", "1", home=home)
     wait_for(lambda: job(home, 1).status == "cancelled", timeout=60, what="the cancel")
     wait_for(lambda: not launched_processes(spec), timeout=30, what="the launch to end")
-    checkpoints = sorted((home / "models/1/checkpoints").glob("step-*"))
-    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    # The cancel may stop a checkpoint mid-write; the last complete one is what a resume takes.
+    checkpoint = latest_checkpoint(home / "models/1/checkpoints")
+    state = json.loads((checkpoint / "state.json").read_text())
     assert state["step"] >= 2 and len(state["losses"]) == state["step"]
-    assert load_file(checkpoints[-1] / "trainable.safetensors")
+    assert load_file(checkpoint / "trainable.safetensors")
     with session_scope(Settings(home=home)) as session:
         assert session.get(TrainedModel, 1).status != "ready"
 

@@ -74,6 +74,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert killed.returncode == -9, killed.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    # A kill during a checkpoint's write leaves its .tmp folder, state.json perhaps half written.
+    (checkpoints / "step-00000006.tmp").mkdir()
+    (checkpoints / "step-00000006.tmp" / "state.json").write_text('{"step": 6, "reci')
 
     resumed_model = create_pixel_denoiser(LABELS, seed=0, size="tiny")
     resumed = train(resumed_model, dataset, steps=8, batch_size=4, seed=11,

@@ -237,9 +237,18 @@ def _seeded_global_rng(seed: int, device: torch.device):
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+def completed_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoint folders in step order, without a `.tmp` folder a kill left mid-write (its
+    state.json may be there, even half written, before the rename that completes it)."""
+    if not checkpoint_dir.exists():
+        return []
+    return sorted(state.parent for state in checkpoint_dir.glob("step-*/state.json")
+                  if not state.parent.name.endswith(".tmp"))
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    found = sorted(checkpoint_dir.glob("step-*/state.json")) if checkpoint_dir.exists() else []
-    return found[-1].parent if found else None
+    found = completed_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
 
 
 def save_checkpoint(folder: Path, denoiser, optimizer, accelerator, recipe: dict, step: int,
@@ -297,5 +306,5 @@ def load_checkpoint(folder: Path, denoiser, optimizer, accelerator, recipe: dict
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int, accelerator) -> None:
     if accelerator.is_main_process and keep > 0:
-        for old in sorted(checkpoint_dir.glob("step-*/state.json"))[:-keep]:
-            shutil.rmtree(old.parent)
+        for old in completed_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old)
