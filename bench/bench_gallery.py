@@ -179,12 +179,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--labels", type=int, default=100,
+                        help="labels of 1,000 patches each (the issue's large case: 365)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
-    labels, per_label, clusters = (10, 1000, 32) if args.quick else (100, 1000, 32)
+    labels, per_label, clusters = (10, 1000, 32) if args.quick else (args.labels, 1000, 32)
     seconds = 5 if args.quick else args.seconds
-    home = args.home.with_name(args.home.name + ("-quick" if args.quick else ""))
+    home = args.home.with_name(args.home.name + ("-quick" if args.quick else
+                                                 "" if labels == 100 else f"-{labels}"))
     if args.rebuild or not (home / "diffmine.sqlite").exists():
         shutil.rmtree(home, ignore_errors=True)
         start = time.perf_counter()
