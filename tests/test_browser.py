@@ -122,8 +122,15 @@ def test_upload_run_browse_and_translate(server, browser, tmp_path):
     page.click("#upload-form button[type=submit]")
     expect(page.locator("#upload-too-large")).to_contain_text("animals.zip is larger than")
     page.evaluate("document.querySelector('#upload-form').dataset.maxBytes = '1000000000'")
+    # The bar's values as the page sets them (app.js's listener runs first, it was added first).
+    shown: list[int] = []
+    page.expose_function("reportUploadProgress", lambda value: shown.append(value))
+    page.evaluate("document.addEventListener('htmx:xhr:progress', () => window.reportUploadProgress("
+                  "document.querySelector('#upload-progress').hidden ? -1 : "
+                  "document.querySelector('#upload-progress').value))")
     page.click("#upload-form button[type=submit]")
     page.wait_for_url("**/datasets/1")
+    assert shown and max(shown) == 100 and min(shown) >= 0, shown  # visible, and it reached the end
     expect(page.locator("h1")).to_have_text("animals")
     expect(page.locator(".label-row")).to_have_count(len(LABELS))
     shot("02-dataset")

@@ -122,3 +122,20 @@ def test_duplicate_name_is_refused_before_any_work(client):
     assert upload(client, zip_bytes(label_files({"cat": 4, "dog": 3})), name="pets").status_code == 200
     again = upload(client, zip_bytes(label_files({"cat": 4, "dog": 3}, start=50)), name="pets")
     assert again.status_code == 400 and "already exists" in again.text
+
+
+
+def two_column_zip(start: int = 0) -> bytes:
+    """Six images with a manifest of two label columns: letter (a/b) and parity (odd/even)."""
+    files = label_files({"a": 3, "b": 3}, start=start)
+    rows = "".join(f"{path},{path[0]},{'odd' if i % 2 else 'even'}\n" for i, path in enumerate(sorted(files)))
+    return zip_bytes(files | {"manifest.csv": ("path,letter,parity\n" + rows).encode()})
+
+
+def test_the_label_column_option_picks_the_manifests_label_sets(client):
+    assert upload(client, two_column_zip(), name="one", label_column="parity").status_code == 200
+    label_sets = client.get("/datasets/1.json").json()["label_sets"]
+    assert [s["name"] for s in label_sets] == ["parity"]
+    assert {l["name"] for l in label_sets[0]["labels"]} == {"odd", "even"}
+    assert upload(client, two_column_zip(50), name="two", label_column="letter, parity").status_code == 200
+    assert [s["name"] for s in client.get("/datasets/2.json").json()["label_sets"]] == ["letter", "parity"]
