@@ -71,6 +71,20 @@ def test_zip_bomb_by_total_size(settings, existing, tmp_path):
             "zip bomb")
 
 
+def test_zip_entry_larger_than_its_header_says(settings, existing, tmp_path):
+    """The central directory claims half of a/0.png's real size: read no further, name the entry."""
+    import struct
+
+    archive = bytearray(write_zip(tmp_path / "l.zip", label_files({"a": 3, "b": 3})).read_bytes())
+    entry = archive.find(b"PK\x01\x02")  # central directory headers: name at +46, size at +24
+    while archive[entry + 46: entry + 46 + len(b"a/0.png")] != b"a/0.png":
+        entry = archive.find(b"PK\x01\x02", entry + 1)
+    size = struct.unpack_from("<I", archive, entry + 24)[0]
+    struct.pack_into("<I", archive, entry + 24, size // 2)
+    (tmp_path / "l.zip").write_bytes(archive)
+    refused(settings, existing, tmp_path / "l.zip", r"a/0.png: corrupt zip entry")
+
+
 def test_decompression_bomb_image(settings, existing, tmp_path):
     files = label_files({"a": 3, "b": 3})
     files["a/huge.png"] = big_png()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,12 +52,14 @@ def check_zip(archive: zipfile.ZipFile, limits: ZipLimits) -> list[zipfile.ZipIn
 
 def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
     def read() -> bytes:
-        with archive.open(info) as handle:
-            # Never trust the declared size: read one byte past it to catch a lying header.
-            data = handle.read(info.file_size + 1)
-        if len(data) > info.file_size:
-            raise IngestError("entry is larger than its header says (zip bomb?)", path=info.filename)
-        return data
+        # zipfile stops at the declared size, so a bomb cannot inflate past what check_zip
+        # allowed; a header that lies about the size then fails the CRC check at that point.
+        try:
+            with archive.open(info) as handle:
+                return handle.read(info.file_size + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise IngestError(f"corrupt zip entry ({error}); its size or checksum does not match "
+                              "its header", path=info.filename) from None
     return read
 
 
