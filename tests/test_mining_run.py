@@ -94,3 +94,28 @@ def test_half_precision_scoring_on_a_cpu_worker_fails_clearly_and_keeps_the_run(
     assert done.returncode != 0
     assert "fp16 scoring needs a GPU" in done.stdout + done.stderr
     assert cluster_table(mined_settings) == before
+
+
+def test_the_lookalike_threshold_sets_how_much_a_recluster_leaves_out(mined_settings):
+    """A lower cosine threshold counts more patches as look-alikes of an artifact cluster."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    from app.db import engine_for
+    from tests.cli_helpers import diffmine_json
+
+    home = mined_settings.home_dir
+    diffmine_json(home, "artifact", "1")
+
+    def clustered_after(threshold: str) -> int:
+        diffmine_json(home, "mine", "1", "--recluster", "--lookalike-threshold", threshold)
+        with engine_for(mined_settings.db_url).connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM cluster_members m JOIN clusters c "
+                                     "ON c.id = m.cluster_id WHERE NOT c.is_artifact")).scalar()
+
+    assert clustered_after("-0.5") < clustered_after("0.99")
+    refused = subprocess.run([sys.executable, "-m", "app.cli", "mine", "1", "--recluster", "--lookalike-threshold",
+                              "1.5", "--home", str(home)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "cosine in (-1, 1)" in refused.stderr

@@ -64,3 +64,18 @@ def test_a_translation_queued_while_serving_is_done_by_the_worker_beside_it(mine
         server.wait(timeout=60)
     time.sleep(0.5)
     assert not workers_of(home)  # the worker went with the server
+
+
+def test_several_server_processes_serve_the_same_data(mined_settings):
+    home, port = mined_settings.home_dir, free_port()
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--processes", "2", "--home", str(home),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(base + "/static/style.css", 60)
+        assert len(psutil.Process(server.pid).children(recursive=True)) >= 2
+        # The data directory came through the environment, not a flag the children never saw.
+        assert [run["id"] for run in get_json(base + "/index.json")["datasets"][0]["runs"]] == [1]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)

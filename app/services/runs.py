@@ -168,8 +168,9 @@ def launch_mine(session: Session, *, run_id: int, mine: dict) -> Job:
     return enqueue(session, kind="mine", params={"run_id": run.id})
 
 
-def launch_recluster(session: Session, *, run_id: int) -> Job:
-    """Clusters (and trends) again, leaving out look-alikes of the run's artifact clusters.
+def launch_recluster(session: Session, *, run_id: int, lookalike_threshold: float | None = None) -> Job:
+    """Clusters (and trends) again, leaving out look-alikes of the run's artifact clusters
+    (cosine above `lookalike_threshold`, if given, else the run's or the default 0.6).
 
     Patches, features and crops are kept: no image is rescored or re-embedded."""
     from app.jobs import enqueue
@@ -179,6 +180,11 @@ def launch_recluster(session: Session, *, run_id: int) -> Job:
         raise NotFound(f"no run {run_id}")
     if "features" not in (run.stages_done or []):
         raise ValueError(f"run {run_id} has no features yet (status {run.status}); run: diffmine mine")
+    if lookalike_threshold is not None:
+        if not -1 < lookalike_threshold < 1:
+            raise ValueError(f"lookalike threshold is a cosine in (-1, 1), got {lookalike_threshold}")
+        run.params = {**run.params, "mine": {**run.params.get("mine", {}),
+                                             "lookalike_threshold": lookalike_threshold}}
     run.stages_done = [s for s in run.stages_done if s not in ("clusters", "trends")]
     return enqueue(session, kind="mine", params={"run_id": run.id})
 

@@ -61,7 +61,8 @@ class RunInfo:
         # "typical" is the method; "least" (-T) and "random" are its baselines, same pipeline.
         self.selection = mine.get("selection") or "typical"
         self.merge_threshold = float(mine.get("merge_threshold") or 0.95)
-        self.lookalike_threshold = float(mine.get("lookalike_threshold") or LOOKALIKE_THRESHOLD)
+        threshold = mine.get("lookalike_threshold")  # a cosine: 0 is a valid value
+        self.lookalike_threshold = LOOKALIKE_THRESHOLD if threshold is None else float(threshold)
         self.trend_members = int(mine.get("trend_members") or TREND_MEMBERS)
         self.trend_draws = mine.get("trend_draws")
         self.seed = int(self.params.get("seed", 0))

@@ -18,7 +18,7 @@ router = APIRouter(tags=["datasets"])
 #: The run form's choices and defaults: "fast" is the quick look, "paper" the reference recipe.
 RUN_DEFAULTS = {"preset": "fast", "backend": "pixel", "steps": 1500, "draws": None, "size": "small",
                 "resolution": None, "batch_size": None, "per_label": None, "clusters": None,
-                "all_labels": True, "seed": 0, "base": "", "precision": "fp32"}
+                "all_labels": True, "seed": 0, "base": "", "precision": "fp32", "processes": None}
 
 
 @router.get("/", summary="Datasets, their label sets and runs; the upload form")
@@ -98,6 +98,7 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
         config = {"steps": _int(form, "steps", 1, 10_000_000),
                   "resolution": _int(form, "resolution", 8, 4096),
                   "batch_size": _int(form, "batch_size", 1, 4096),
+                  "processes": _int(form, "processes", 1, 1024),
                   "size": size if backend == "pixel" else None,
                   "base": (form.get("base") or "").strip() or None}
         if backend == "stable-diffusion" and not config["base"]:
