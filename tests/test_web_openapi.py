@@ -6,7 +6,7 @@ from app.web import create_app
 
 PAGES = ["/", "/datasets/1", "/runs/1", "/runs/1/labels/1", "/runs/1/compare", "/clusters/1",
          "/clusters/1/translations", "/images/1", "/patches/1", "/patches/1/similar", "/jobs",
-         "/jobs/1", "/upload", "/api"]
+         "/jobs/1", "/upload", "/api", "/runs/1/parallel"]
 
 
 @pytest.fixture
