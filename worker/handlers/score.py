@@ -73,6 +73,10 @@ def run_score(context: JobContext) -> dict:
 #: on an H200, where the engine at 512 rows ran at 123 (docs/benchmarks.md, "GPU check").
 GPU_PIXEL_FORWARD_BATCH = 512
 
+#: Pixel models on a CPU: channels_last at 64 rows per call ran the UNet 1.2-1.5x faster than
+#: contiguous at the presets' 128 on this project's CPUs (docs/benchmarks.md, "Typicality engine").
+CPU_PIXEL_LAYOUT = {"forward_batch": 64, "channels_last": True}
+
 
 def preset_for(params: dict, denoiser):
     """The run's typicality preset with its draws, precision and the denoiser's device applied.
@@ -91,6 +95,8 @@ def preset_for(params: dict, denoiser):
         preset = preset.with_(autocast=precision)
     if device == "cuda" and denoiser.backend == "pixel":
         preset = preset.with_(forward_batch=max(preset.forward_batch, GPU_PIXEL_FORWARD_BATCH))
+    if device == "cpu" and denoiser.backend == "pixel":
+        preset = preset.with_(**CPU_PIXEL_LAYOUT)
     return preset
 
 
