@@ -98,7 +98,7 @@ def test_dataset_and_file_names_are_escaped_everywhere(mined_settings, client):
 
 
 @pytest.mark.parametrize("url", ["/runs/1/labels/1", "/runs/1", "/clusters/1", "/images/5",
-                                 "/patches/1", "/patches/1/similar?label=1", "/"])
+                                 "/patches/1", "/patches/1/similar?label=1", "/", "/datasets/1"])
 def test_pages_read_through_indexes_not_whole_tables(mined_settings, client, url):
     client.get(url)  # warm up: the first request may read the schema
     with captured_sql(mined_settings) as statements:

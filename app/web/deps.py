@@ -6,6 +6,7 @@ import math
 from typing import Annotated, Iterator
 from urllib.parse import quote
 
+import jinja2
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -108,7 +109,7 @@ def duration(seconds) -> str:
 
 
 def thousands(value) -> str:
-    if value is None:
+    if value is None or isinstance(value, jinja2.Undefined):  # e.g. a model config without steps
         return "—"
     if isinstance(value, float) and not value.is_integer():
         return sig(value)

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from app.ingest import TWEMOJI_CREDIT
 from app.jobs import job_json, list_jobs
 from app.models import Dataset
-from app.services.datasets import dataset_json, dataset_samples, datasets_query, load_dataset, sample_images
+from app.services.datasets import dataset_json, dataset_samples, datasets_query, label_samples, load_dataset
 from app.services.galleries import models_of_dataset, runs_of_datasets
 from app.services.runs import BACKENDS, NotFound, launch_pipeline
 from app.web.deps import CSRF, SessionDep, SettingsDep, redirect, render
@@ -39,8 +39,8 @@ def home(request: Request, session: SessionDep):
 
 def dataset_page_data(session, dataset) -> dict:
     data = dataset_json(dataset)
-    data["samples"] = {label.id: [_thumb(i) for i in sample_images(session, label.id)]
-                       for label_set in dataset.label_sets for label in label_set.labels}
+    data["samples"] = label_samples(session, [label.id for label_set in dataset.label_sets
+                                              for label in label_set.labels])
     data["models"] = models_of_dataset(session, dataset_id=dataset.id)
     data["runs"] = runs_of_datasets(session, dataset_ids=[dataset.id])[dataset.id]
     return data
