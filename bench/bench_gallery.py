@@ -213,10 +213,11 @@ def main() -> None:
                     print(f"| uvicorn x{workers} | gallery {what} | {connections} | {r['rate']:.0f} | "
                           f"{r['p50_us'] / 1000:.1f} | {r['p95_us'] / 1000:.1f} | "
                           f"{r['p99_us'] / 1000:.1f} | {r['errors']} |", flush=True)
-            r = wrk(base, connections=10, seconds=seconds, suffix="", labels=labels,
-                    path="/files/runs/1/crops/7.png")
-            print(f"| uvicorn x{workers} | crop file | 10 | {r['rate']:.0f} | {r['p50_us'] / 1000:.1f} | "
-                  f"{r['p95_us'] / 1000:.1f} | {r['p99_us'] / 1000:.1f} | {r['errors']} |", flush=True)
+            for what, path in (("crop file", "/files/runs/1/crops/7.png"),
+                               (f"dataset page ({labels} labels x 8 samples)", "/datasets/1")):
+                r = wrk(base, connections=10, seconds=seconds, suffix="", labels=labels, path=path)
+                print(f"| uvicorn x{workers} | {what} | 10 | {r['rate']:.0f} | {r['p50_us'] / 1000:.1f} | "
+                      f"{r['p95_us'] / 1000:.1f} | {r['p99_us'] / 1000:.1f} | {r['errors']} |", flush=True)
         finally:
             process.terminate()
             process.wait(timeout=20)

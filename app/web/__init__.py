@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sync_ingest_bytes = uploads.SYNC_INGEST_BYTES
     app.state.label_lists = {}  # rendered label menus per run (views/runs.py)
+    app.state.dataset_samples = {}  # sample thumbnails per dataset (views/datasets.py)
     app.state.page_cache = PageCache()  # gallery pages of ready runs (web/page_cache.py)
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
     # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
