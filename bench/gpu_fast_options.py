@@ -107,7 +107,6 @@ def _sync():
 
 # --- part 2: the product's command line on the GPU -----------------------------------------------
 def cli_part(args) -> dict:
-    import numpy as np
     import torch
 
     home = Path(tempfile.mkdtemp(prefix="diffmine-gpu-"))
@@ -157,7 +156,7 @@ def cli_part(args) -> dict:
         rows.append(row)
         if reference is None:
             reference = dict(row, scores=torch.from_numpy(scores), maps=torch.from_numpy(maps))
-    return {"timings_s": timings, "mined": mined, "rows": rows, "images": int(len(np.atleast_1d(scores)))}
+    return {"timings_s": timings, "mined": mined, "rows": rows}
 
 
 def job_seconds(home: Path, job: int) -> float:
@@ -173,8 +172,10 @@ def run_scores(home: Path, run: int):
     import numpy as np
 
     with sqlite3.connect(home / "diffmine.sqlite") as db:
-        rows = db.execute("select image_id, label_id, typicality, map_path from image_scores "
-                          "where run_id = ? and map_path is not null order by image_id, label_id",
+        # Own labels only: an --all-labels run keeps maps under every label.
+        rows = db.execute("select s.image_id, s.label_id, s.typicality, s.map_path from image_scores s "
+                          "join image_labels l on l.image_id = s.image_id and l.label_id = s.label_id "
+                          "where s.run_id = ? and s.map_path is not null order by s.image_id, s.label_id",
                           (run,)).fetchall()
     files: dict[str, dict] = {}
     maps = []
