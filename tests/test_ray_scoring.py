@@ -95,9 +95,11 @@ def test_ray_scoring_matches_local_and_resumes(trained, local_ray, tmp_path, mon
     print(f"{images} images in 3 shards: local {local_seconds:.1f} s, Ray {ray_seconds:.1f} s")
     assert images > 16 and len(expected) == images * 3  # --all-labels: under each of 3 labels
     assert_same_scores(expected, scores(on_ray))
-    shards = sorted((on_ray / "runs/1/maps").glob("shard-*.npz"))
-    assert len(shards) == 3
-    assert [p.name for p in shards] == sorted(p.name for p in (local / "runs/1/maps").glob("*.npz"))
+    files = sorted(p.name for p in (on_ray / "runs/1/maps").glob("*.npz"))
+    assert files == sorted(p.name for p in (local / "runs/1/maps").glob("*.npz"))
+    # Each shard: its own labels' maps, and (--all-labels) the other labels' in shard-N.all.npz.
+    shards = sorted(p for p in (on_ray / "runs/1/maps").glob("shard-*.npz") if not p.name.endswith(".all.npz"))
+    assert len(shards) == 3 and len(files) == 6
 
     # A worker killed after writing the last shard's rows but before its map file: a resumed Ray
     # scoring sends that shard alone, replaces its rows, and leaves the finished shards untouched.

@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
 from app.db import session_scope
-from app.models import Cluster, ClusterMember, Image, ImageLabel, LabelSet, MiningRun, Patch, TrainedModel
+from app.models import Cluster, ClusterMember, Image, LabelSet, MiningRun, Patch, TrainedModel
 from app.services.runs import labels_of
 from worker.context import JobContext
 from worker.handlers.models import load_trained
@@ -106,19 +106,11 @@ def mark_stage_done(context, run_id: int, stage: str) -> None:
 
 
 # --- patches -----------------------------------------------------------------------------------
-def map_shards(info: RunInfo, suffix: str = ".npz") -> list[Path]:
-    return sorted(p for p in (info.dir / "maps").glob(f"shard-*{suffix}")
-                  if suffix != ".npz" or not p.name.endswith(".all.npz"))
-
-
-def own_label_keys(context: JobContext, keys: list[str]) -> list[str]:
-    """The map keys ("image_label") of a shard file under the image's own labels: patches of a
-    label come from its images only, though all_labels runs keep a map under every label."""
-    pairs = [tuple(map(int, key.split("_"))) for key in keys]
-    with session_scope(context.settings) as session:
-        own = set(session.execute(select(ImageLabel.image_id, ImageLabel.label_id).where(
-            ImageLabel.image_id.in_({image_id for image_id, _ in pairs}))).tuples())
-    return [key for key, pair in zip(keys, pairs) if pair in own]
+def map_shards(info: RunInfo) -> list[Path]:
+    """The score job's map files: maps under each image's own labels. Not `.all.npz` (an
+    all_labels run's maps under the other labels) nor a `.tmp.npz` a kill left mid-write."""
+    return sorted(p for p in (info.dir / "maps").glob("shard-*.npz")
+                  if not p.name.endswith((".all.npz", ".tmp.npz")))
 
 
 def mine_patches(context: JobContext, info: RunInfo) -> None:
@@ -132,7 +124,7 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
     def candidates():
         for number, shard in enumerate(shards, 1):
             with np.load(shard) as data:
-                keys = own_label_keys(context, data.files)
+                keys = list(data.files)
                 maps = torch.from_numpy(np.stack([data[k] for k in keys]).astype(np.float32))
             scores = P.patch_scores(maps, info.resolution, info.patch_size)
             for key, boxes in zip(keys, select_boxes(scores)):

@@ -1,8 +1,10 @@
 """Typicality of every image under its labels, shard by shard.
 
 A shard is done when its map file exists. Rows are written first (replacing any a killed
-attempt left) and the map file is renamed into place last, so a resumed job neither loses nor
-duplicates rows, and the same seed gives the same numbers however the work was interrupted.
+attempt left), then an all_labels run's maps under the labels an image does not have (in
+`shard-N.all.npz`, which mining never reads), and the map file is renamed into place last, so
+a resumed job neither loses nor duplicates rows, and the same seed gives the same numbers
+however the work was interrupted.
 
 A shard is computed by `compute_shard` (denoiser in, numbers out: no database, no files) and
 written by `write_shard`, through `worker.pieces.run_pieces`: computed here, or, with
@@ -11,7 +13,7 @@ written by `write_shard`, through `worker.pieces.run_pieces`: computed here, or,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +34,12 @@ SHARD_IMAGES = 64
 class ShardScores:
     """One shard's results before they are written."""
 
-    #: "imageid_labelid" -> typicality map (float16), one per record: (image, own label), and
-    #: (image, any label) with all_labels
+    #: "imageid_labelid" -> typicality map (float16), one per (image, own label)
     maps: dict[str, np.ndarray]
     #: ImageScore values without run_id and map_path; `map_key` names the row's map, if any
     records: list[dict]
+    #: all_labels: the maps under the labels each image does not have, same keys
+    other_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def run_score(context: JobContext) -> dict:
@@ -73,8 +76,8 @@ def run_score(context: JobContext) -> dict:
 #: on an H200, where the engine at 512 rows ran at 123 (docs/benchmarks.md, "GPU check").
 GPU_PIXEL_FORWARD_BATCH = 512
 
-#: Pixel models on a CPU: channels_last at 64 rows per call ran the UNet 1.2-1.5x faster than
-#: contiguous at the presets' 128 on this project's CPUs (docs/benchmarks.md, "Typicality engine").
+#: Pixel models on a CPU: channels_last at 64 rows per call scored 1.23-1.29x faster than
+#: contiguous at the presets' 128 on this project's CPUs (bench/bench_cpu_layout.py).
 CPU_PIXEL_LAYOUT = {"forward_batch": 64, "channels_last": True}
 
 
@@ -126,7 +129,7 @@ def compute_shard(denoiser, shard: list[Example], label_ids: list[int],
     scores = ShardScores(maps={}, records=[])
     records = own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores.maps)
     if params.get("all_labels"):
-        every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores.maps, records)
+        every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores, records)
     scores.records = list(records.values())
     return scores
 
@@ -150,9 +153,10 @@ def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps) -> 
     return records
 
 
-def every_label_scores(denoiser, shard, images, label_ids, preset, seed, maps, records) -> None:
+def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores,
+                       records: dict) -> None:
     """Every image under every label (the diffusion-classifier view): a loss on every record,
-    and a record and map for each label the image does not have.
+    and a record and map (in `scores.other_maps`) for each label the image does not have.
 
     Own labels keep typicality()'s numbers and map, the reference rows. The other maps are kept
     so the image page can show a heatmap under any label; they cost no extra forward passes (the
@@ -169,7 +173,8 @@ def every_label_scores(denoiser, shard, images, label_ids, preset, seed, maps, r
     for i, example in enumerate(shard):
         for m, label_id in enumerate(label_ids):
             key = map_key(example.image_id, label_id)
-            maps.setdefault(key, every_map[i, m])
+            if key not in scores.maps:
+                scores.other_maps[key] = every_map[i, m]
             record = records.setdefault((example.image_id, label_id), dict(
                 image_id=example.image_id, label_id=label_id,
                 typicality=float(everything.typicality[i, m]),
@@ -184,16 +189,30 @@ def map_key(image_id: int, label_id: int) -> str:
 
 def write_shard(settings: Settings, shard: list[Example], shard_file: Path, *, run_id: int,
                 scores: ShardScores) -> None:
-    """The shard's ImageScore rows (replacing any a killed attempt left), then its map file."""
-    relative = shard_file.relative_to(settings.home_dir).as_posix()
+    """The shard's ImageScore rows (replacing any a killed attempt left), the other labels' maps,
+    then its own map file, whose existence marks the shard done."""
+    others_file = shard_file.with_suffix(".all.npz")  # shard-N.npz -> shard-N.all.npz
+
+    def map_path(key: str | None) -> str | None:
+        if key is None:
+            return None
+        file = others_file if key in scores.other_maps else shard_file
+        return f"{file.relative_to(settings.home_dir).as_posix()}:{key}"
+
     rows = [dict(run_id=run_id, image_id=r["image_id"], label_id=r["label_id"],
                  typicality=r["typicality"], std_error=r["std_error"], loss=r["loss"],
-                 map_path=f"{relative}:{r['map_key']}" if r["map_key"] else None)
-            for r in scores.records]
+                 map_path=map_path(r["map_key"])) for r in scores.records]
     with session_scope(settings) as session:
         session.execute(delete(ImageScore).where(ImageScore.run_id == run_id,
                                                  ImageScore.image_id.in_([e.image_id for e in shard])))
         session.execute(insert(ImageScore), rows)
-    temporary = shard_file.with_suffix(".tmp.npz")
-    np.savez(temporary, **scores.maps)
-    os.replace(temporary, shard_file)
+    if scores.other_maps:
+        save_maps(others_file, scores.other_maps)
+    save_maps(shard_file, scores.maps)
+
+
+def save_maps(path: Path, maps: dict[str, np.ndarray]) -> None:
+    """Written aside and renamed, so a kill never leaves a half-written map file."""
+    temporary = path.with_name(path.name.removesuffix(".npz") + ".tmp.npz")
+    np.savez(temporary, **maps)
+    os.replace(temporary, path)
