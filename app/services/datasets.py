@@ -49,9 +49,7 @@ def load_dataset(session: Session, dataset_id: int) -> Dataset | None:
     return session.scalar(select(Dataset).options(_with_labels()).where(Dataset.id == dataset_id))
 
 
-#: One statement, compiled once, run per label with Core rows (no ORM objects): a dataset page
-#: with 365 labels (bench/bench_gallery.py --labels 365 data) took 31 ms (JSON) this way, 142 ms
-#: with an ORM query per label.
+#: One statement, compiled once, run per label with Core rows (no ORM objects per image).
 _LABEL_SAMPLES = (select(Image.id, Image.thumb_path.label("thumb"), Image.original_path.label("path"))
                   .join(ImageLabel, ImageLabel.image_id == Image.id)
                   .where(ImageLabel.label_id == bindparam("label_id"))
