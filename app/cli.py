@@ -1,4 +1,4 @@
-"""The `diffmine` command line (contract: ../shared/CLI.md).
+"""The `diffmine` command line (contract: docs/cli.md).
 
 Every command returns a JSON-able dict; `--json` prints it as one object on stdout, otherwise a
 human summary is printed. Failures print one line on stderr and exit non-zero.

@@ -12,7 +12,7 @@ What it does, in order, all in one process so the ratios are comparable on a sha
    reference), the paper preset under seed 1 (the bar: how well the reference agrees with
    itself) and faster options. For each: images/s and speed-up over the paper preset, Spearman
    rho of the image ranking vs the reference, the share of images whose top k x k patch (the
-   argmax of the average-pooled map, k = 50/256 of the image side as in METHOD.md) is the same,
+   argmax of the average-pooled map, k = 50/256 of the image side as in docs/method.md) is the same,
    and the mean reported standard error.
 4. From the paper run's own draws, the variance that i.i.d., stratified and ideal importance-
    sampled timesteps would leave: whether importance sampling is worth adding to stratification.
@@ -140,7 +140,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def top_patches(maps: torch.Tensor, patch: int) -> torch.Tensor:
-    """Flat index of each map's best patch: k x k average pool, stride 1, no padding (METHOD.md 3)."""
+    """Flat index of each map's best patch: k x k average pool, stride 1, no padding (docs/method.md section 3)."""
     return F.avg_pool2d(maps[:, None], patch, stride=1).flatten(1).argmax(dim=1)
 
 

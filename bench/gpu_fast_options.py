@@ -10,7 +10,7 @@ Two parts (`--parts sd,cli`), each writing DIR/<part>.json as soon as it ends:
   bf16 on planted blobs, then typicality of held-out images with the paper preset in fp32 under
   seed 0 (the reference) and seed 1 (the bar: the reference against itself), the paper preset in
   fp16 autocast, and the fast preset (24 stratified draws) in fp16. For each: images/s, speed-up,
-  Spearman rho of the image ranking and the share of images whose top patch (METHOD.md section 3)
+  Spearman rho of the image ranking and the share of images whose top patch (docs/method.md section 3)
   is the reference's.
 * cli: the real `diffmine` command line in subprocesses on builtin animals, device auto (CUDA):
   ingest, train, score (paper fp32 seeds 0 and 1, paper fp16, fast fp16), mine, translate a
@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests" / "engine")]
 
 def agreement_row(name: str, scores, maps, seconds: float, reference: dict | None) -> dict:
     """Speed and agreement of one scoring against the reference (scores [N], maps [N, h, w]).
-    Top patch: a window of 50/256 of the map's side (METHOD.md section 3)."""
+    Top patch: a window of 50/256 of the map's side (docs/method.md section 3)."""
     from bench_typicality import spearman, top_patches
 
     patch = max(1, round(50 / 256 * maps.shape[-1]))

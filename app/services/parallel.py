@@ -1,4 +1,4 @@
-"""Consistent changes of a run (METHOD.md section 5), as the web reads them: the parallel-dataset
+"""Consistent changes of a run (docs/method.md section 5), as the web reads them: the parallel-dataset
 jobs of the run and the summary.json each finished one wrote (worker/handlers/parallel.py)."""
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from worker.engine.typicality import (draw_timesteps_and_noise, label_scores, la
 
 
 def formula_by_hand(denoiser, image, condition, seed, draws=100, t_min=100, t_max=700):
-    """METHOD.md section 2, one draw at a time: T = E[L(null) - L(c)], channel-averaged maps."""
+    """docs/method.md section 2, one draw at a time: T = E[L(null) - L(c)], channel-averaged maps."""
     g = torch.Generator().manual_seed(seed)
     timesteps = torch.randint(t_min, t_max, (draws,), generator=g)
     noise = torch.randn((draws, *image.shape), generator=g)

@@ -1,4 +1,4 @@
-"""Clustering mined patches into visual elements (METHOD.md section 4), and tools against its
+"""Clustering mined patches into visual elements (docs/method.md section 4), and tools against its
 known weaknesses (mixed or near-duplicate clusters, dataset artifacts).
 
 Paper recipe: k-means with 32 clusters on one label's top 1000 DIFT features; clusters ordered by

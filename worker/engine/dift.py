@@ -1,4 +1,4 @@
-"""DIFT-161 patch features (METHOD.md section 4; Tang et al. 2023, "Emergent Correspondence from
+"""DIFT-161 patch features (docs/method.md section 4; Tang et al. 2023, "Emergent Correspondence from
 Image Diffusion").
 
 A patch's feature is read from the fine-tuned denoiser itself: noise the whole image to t = 161

@@ -1,4 +1,4 @@
-"""Patch mining: from a typicality map to the most typical k x k boxes (METHOD.md section 3).
+"""Patch mining: from a typicality map to the most typical k x k boxes (docs/method.md section 3).
 
 Pipeline, per image::
 

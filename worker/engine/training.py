@@ -1,6 +1,6 @@
 """Fine-tune any `ConditionalDenoiser` with the reference recipe, resumable bit for bit.
 
-The recipe (METHOD.md section 1): AdamW with a constant learning rate, betas (0.9, 0.999),
+The recipe (docs/method.md section 1): AdamW with a constant learning rate, betas (0.9, 0.999),
 weight decay 1e-2, gradient-norm clip 1.0; timesteps uniform in [0, 1000); epsilon-MSE in the
 denoising space (`denoiser.encode`); noise added with the denoiser's DDPM scheduler; label
 dropout: each sample's condition is replaced by the null condition with probability

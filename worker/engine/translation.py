@@ -1,4 +1,4 @@
-"""Translation across labels (METHOD.md section 5): how would this image look under every other label?
+"""Translation across labels (docs/method.md section 5): how would this image look under every other label?
 
     noise = ddim_invert(x, own label)                       # deterministic DDIM, guidance 1
     x_m   = ddim_sample(noise, label m, guidance g)  for every label m, in one batch

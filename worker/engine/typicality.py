@@ -1,4 +1,4 @@
-"""Typicality: how much a label helps the denoiser, per location (METHOD.md section 2).
+"""Typicality: how much a label helps the denoiser, per location (docs/method.md section 2).
 
     T(x | c) = E_{eps, t} [ L_t(x, eps, null) - L_t(x, eps, c) ],   L_t = ||eps_theta(x_t, t, cond) - eps||^2
 

@@ -1,4 +1,4 @@
-"""Consistent changes across labels: the parallel dataset (METHOD.md section 5).
+"""Consistent changes across labels: the parallel dataset (docs/method.md section 5).
 
 Job params: {"run_id": R, "images": N, "translation": {options, as for a translation},
 "mine": {"clusters", "per_image", "patch_size", "patches"}}. Stages, each resumable:

@@ -1,4 +1,4 @@
-"""Translate one image region into every label of its model (METHOD.md section 5).
+"""Translate one image region into every label of its model (docs/method.md section 5).
 
 Job params: {"translation_id": T}. The Translation row (app/services/translations.py creates it)
 names the model, the image, the box (original pixels, or None for the whole image) and the
