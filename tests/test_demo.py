@@ -1,5 +1,5 @@
 """`diffmine demo` mines its label sets side by side: one worker process per job, the cores split
-between them (app/cli.py run_side_by_side). Here on two quick scoring jobs of a mined run."""
+between them (app/cli/serve.py run_side_by_side). Here on two quick scoring jobs of a mined run."""
 import psutil
 
 from app.cli import run_side_by_side
