@@ -8,19 +8,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Job, utcnow
+from app.params import Params, job_params
 
-KINDS = ("ingest", "train", "score", "mine", "evaluate", "translate", "parallel", "export", "pipeline")
 ACTIVE = ("queued", "running")
 #: Interactive work (a clicked translation) runs before batch work.
 PRIORITY_INTERACTIVE = 10
 PRIORITY_BATCH = 0
 
 
-def enqueue(session: Session, *, kind: str, params: dict, priority: int = PRIORITY_BATCH,
+def enqueue(session: Session, *, kind: str, params: dict | Params, priority: int = PRIORITY_BATCH,
             parent_id: int | None = None, max_attempts: int = 3) -> Job:
-    if kind not in KINDS:
-        raise ValueError(f"unknown job kind {kind!r}; expected one of {KINDS}")
-    job = Job(kind=kind, params=params, priority=priority, parent_id=parent_id,
+    """A queued job; its params are checked against its kind's model (app/params.py)."""
+    stored = job_params(kind, params).model_dump(exclude_defaults=True)
+    job = Job(kind=kind, params=stored, priority=priority, parent_id=parent_id,
               max_attempts=max_attempts, status="queued")
     session.add(job)
     session.flush()

@@ -65,15 +65,3 @@ class Settings(BaseSettings):
     @property
     def staging_dir(self) -> Path:
         return self.home_dir / "staging"
-
-    def resolved_device(self) -> str:
-        """The torch device to use; imports torch, so only the worker calls it."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"

@@ -24,7 +24,7 @@ from worker.engine.clustering import cluster_features
 from worker.engine.dift import patch_features, patch_features_per_patch
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label
 from worker.engine.registry import create_pixel_denoiser
-from worker.engine.vector_index import build_index, create_index, add_batches, search
+from app.vector_index import build_index, create_index, add_batches, search
 
 
 def timed(function, *args, **kwargs):

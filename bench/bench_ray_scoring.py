@@ -30,6 +30,7 @@ from sqlalchemy import select  # noqa: E402
 from app.cli import main as diffmine  # noqa: E402
 from app.db import session_scope  # noqa: E402
 from app.models import ImageScore  # noqa: E402
+from app.params import RunParams  # noqa: E402
 from app.services.runs import launch_score  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from worker.runner import Worker  # noqa: E402
@@ -46,8 +47,8 @@ def build(home: Path, per_label: int) -> None:
 def score(settings: Settings, args) -> tuple[int, float, float, float]:
     """(run id, wall seconds, seconds to the first shard written, images/s after it)."""
     with session_scope(settings) as session:
-        run, _ = launch_score(session, model_id=1, preset="fast", draws=args.draws, seed=0,
-                              shard_size=args.shard_size)
+        run, _ = launch_score(session, model_id=1, params=RunParams(
+            preset="fast", draws=args.draws, seed=0, shard_size=args.shard_size))
         run_id = run.id
     started, wall = time.time(), time.perf_counter()
     assert Worker(settings).run_one()

@@ -5,12 +5,13 @@ import psutil
 from app.cli import run_side_by_side
 from app.db import session_scope
 from app.models import Job
+from app.params import RunParams
 from app.services.runs import launch_score
 
 
 def test_jobs_run_side_by_side_and_the_workers_stop(mined_settings):
     with session_scope(mined_settings) as session:
-        jobs = [launch_score(session, model_id=1, preset="fast", draws=2, seed=seed)[1].id
+        jobs = [launch_score(session, model_id=1, params=RunParams(preset="fast", draws=2, seed=seed))[1].id
                 for seed in (0, 1)]
     results = list(run_side_by_side(mined_settings, jobs, json_mode=True))
     assert [r["job"] for r in results] == jobs and [r["images"] for r in results] == [120, 120]

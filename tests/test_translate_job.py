@@ -14,6 +14,7 @@ from app.cli import main as diffmine
 from app.db import session_scope
 from app.jobs import PRIORITY_INTERACTIVE
 from app.models import Image, Job, Label, Patch, Translation
+from app.params import TranslationOptions
 from app.services.translations import request_translation
 from worker.runner import Worker
 
@@ -79,17 +80,17 @@ def test_the_web_request_runs_on_the_worker_and_is_cached(mined_settings):
     patch = first_patch(mined_settings)
     options = {"invert_steps": 6, "sample_steps": 3}
     with session_scope(mined_settings) as session:
-        row, job_id = request_translation(session, patch_id=patch.id, params=options)
+        row, job_id = request_translation(session, patch_id=patch.id, options=TranslationOptions(**options))
         translation_id = row.id
         assert session.get(Job, job_id).priority == PRIORITY_INTERACTIVE
-        assert request_translation(session, patch_id=patch.id, params=options) == (row, job_id)
+        assert request_translation(session, patch_id=patch.id, options=TranslationOptions(**options)) == (row, job_id)
     assert Worker(mined_settings).run_one()
     with session_scope(mined_settings) as session:
         job = session.get(Job, job_id)
         assert job.status == "succeeded", job.error
         row = session.get(Translation, translation_id)
         assert row.status == "ready" and len(row.results) == session.scalar(select(func.count()).select_from(Label))
-        assert request_translation(session, patch_id=patch.id, params=options) == (row, None)
+        assert request_translation(session, patch_id=patch.id, options=TranslationOptions(**options)) == (row, None)
 
 
 def test_an_image_region_with_a_context_window_and_a_failure(mined_settings, capsys):
@@ -142,7 +143,13 @@ def test_parallel_dataset_is_mined_clustered_and_resumable(mined_settings, capsy
 
 
 def test_default_guidance_depends_on_backend_and_preset():
-    from worker.handlers.translate import PIXEL_GUIDANCE, canonical_params, resolve_params
+    from app.params import PIXEL_GUIDANCE, TranslationOptions
+
+    def resolve_params(params, backend):
+        return TranslationOptions.model_validate(params).resolved(backend)
+
+    def canonical_params(params, backend):
+        return TranslationOptions.model_validate(params).canonical(backend)
 
     assert resolve_params({}, "pixel")["guidance"] == PIXEL_GUIDANCE == 3.0
     assert resolve_params({}, "stable-diffusion")["guidance"] == 7.5

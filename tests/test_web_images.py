@@ -111,6 +111,7 @@ def typicality_map_under_every_label(settings, image_id: int) -> dict[int, np.nd
     from worker.engine.registry import load_denoiser
     from worker.engine.typicality import label_scores
     from worker.handlers.evaluate import denoiser_resolution
+    from app.params import RunParams
     from worker.handlers.score import preset_for
 
     with session_scope(settings) as session:
@@ -119,10 +120,10 @@ def typicality_map_under_every_label(settings, image_id: int) -> dict[int, np.nd
         label_ids = [l.id for l in labels_of(session, model.label_set_id)]
         example = next(e for e in examples(session, settings, label_set_id=model.label_set_id)
                        if e.image_id == image_id)
-        params, weights = dict(run.params), settings.home_dir / model.weights_dir
+        params, weights = RunParams.model_validate(run.params), settings.home_dir / model.weights_dir
     denoiser = load_denoiser(weights, device="cpu")
     images = load_views([example.path], denoiser_resolution(denoiser))
-    maps = label_scores(denoiser, images, preset_for(params, denoiser), seed=params["seed"],
+    maps = label_scores(denoiser, images, preset_for(params, denoiser), seed=params.seed,
                         maps=True).maps[0]
     return {label_id: maps[m].numpy() for m, label_id in enumerate(label_ids)}
 

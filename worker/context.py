@@ -9,8 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from app.params import Params, job_params
 from app.settings import Settings
 from worker import queue
 
@@ -72,6 +74,12 @@ class JobContext:
             self._lost, self._cancel, self._preempt = not ours, cancel, waiting
 
     # --- for handlers -------------------------------------------------------------------------
+    @cached_property
+    def job(self) -> Params:
+        """The job's parameters as its kind's model (app/params.py); a pipeline's stages read
+        its run_id and model_id the way the score, mine and train jobs do."""
+        return job_params(self.kind, self.params)
+
     @property
     def work_dir(self) -> Path:
         """This job's own folder, for checkpoints that survive a killed worker."""

@@ -206,7 +206,7 @@ def exit_when_orphaned(worker_pid: int | None) -> None:
 
 def train_launched(spec: dict, files: LaunchFiles, accelerator) -> None:
     from worker.engine.training import train
-    from worker.handlers.train import build_training, train_options
+    from worker.training_spec import build_training, train_options
 
     denoiser, dataset = build_training(spec, str(accelerator.device))
     progress = ProgressFile(files.progress) if accelerator.is_main_process else None

@@ -1,7 +1,7 @@
 """The loop every resumable compute stage shares (scoring shards, DIFT feature parts).
 
 A piece is `(file, task)`: done when its file exists. Pieces not done are computed by an
-executor, here in the worker (`compute_here`) or on Ray actors (worker/ray_backend.py), and each
+executor (worker/executors.py), here in the worker or on Ray actors (worker/ray_backend.py), and each
 result is written by the stage's own `write` as it arrives, so both ways write alike, resume
 alike and report progress alike. Pieces are read lazily: the local path never holds more than
 the piece it is computing.
@@ -40,26 +40,3 @@ def run_pieces(context: JobContext, pieces: Pieces, execute: Executor, write: Ca
         context.check()
     context.progress(done, total, message.format(done=done, total=total), stage=stage, force=True)
     return done
-
-
-def executor(context: JobContext, *, model_id: int, weights: Path, compute: Callable,
-             options: dict, name: str) -> Executor:
-    """Ray actors when DIFFMINE_RAY_ADDRESS is set, else this worker with its cached model."""
-    if context.settings.ray_address:
-        from worker.ray_backend import on_ray
-
-        return on_ray(context, weights, compute, options, name)
-    from worker.handlers.models import load_trained
-
-    return compute_here(lambda: load_trained(context, model_id, weights), compute, options)
-
-
-def compute_here(load_denoiser: Callable, compute: Callable, options: dict) -> Executor:
-    """The worker's own executor: `compute(denoiser, task, **options)` piece by piece, the
-    denoiser loaded on the first piece that needs it (a finished stage never loads it)."""
-    def execute(pending):
-        denoiser = None
-        for path, task in pending:
-            denoiser = denoiser or load_denoiser()
-            yield path, task, compute(denoiser, task, **options)
-    return execute

@@ -49,7 +49,7 @@ def progress_bar(description: str, json_mode: bool):
 
 
 # --- jobs -----------------------------------------------------------------------------------
-def queue_or_wait(args, settings: Settings, kind: str, params: dict) -> dict | None:
+def queue_or_wait(args, settings: Settings, kind: str, params) -> dict | None:
     """With --queue, record the job and return its id; with --wait, also follow it to the end.
     Returns None when the work should run in the foreground."""
     if not (args.queue or args.wait):
@@ -115,12 +115,15 @@ def run_job(args, settings: Settings, job_id: int, description: str) -> dict:
 def create_rows(settings: Settings, launch) -> int:
     """Run `launch(session)` (which creates rows, usually a job) and return what it returns."""
     from app.db import session_scope, upgrade
+    from app.params import ValidationError, readable
     from app.services.runs import NotFound
 
     upgrade(settings)
     try:
         with session_scope(settings) as session:
             return launch(session)
+    except ValidationError as error:
+        raise CommandError(readable(error)) from error
     except (NotFound, ValueError) as error:
         raise CommandError(str(error)) from error
 

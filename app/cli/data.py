@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from app.cli.common import add_queue_flags, command, progress_bar, queue_or_wait
+from app.params import IngestJob
 from app.settings import Settings
 
 
@@ -13,16 +14,16 @@ def cmd_ingest(args, settings: Settings) -> dict:
 
     # Named here, not in the service, so that a queued job's parameters carry the name too.
     name = args.name or default_dataset_name(args.source)
-    params = dict(source=args.source, name=name, manifest=args.manifest,
-                  path_column=args.path_column, label_columns=args.label_column or [],
-                  bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
-                  in_place=args.in_place, seed=args.seed, limit_per_label=args.limit_per_label,
-                  min_images_per_label=args.min_per_label, plant_mark=args.plant_mark,
-                  plant_fraction=args.plant_fraction, plant_size=args.plant_size)
+    params = IngestJob(source=args.source, name=name, manifest=args.manifest,
+                       path_column=args.path_column, label_columns=args.label_column or [],
+                       bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
+                       in_place=args.in_place, seed=args.seed, limit_per_label=args.limit_per_label,
+                       min_images_per_label=args.min_per_label, plant_mark=args.plant_mark,
+                       plant_fraction=args.plant_fraction, plant_size=args.plant_size)
     queued = queue_or_wait(args, settings, "ingest", params)
     if queued is not None and "dataset" not in queued:
         return queued
-    result = queued or ingest_dataset(settings, **params,
+    result = queued or ingest_dataset(settings, **params.model_dump(exclude={"remove_after", "display_source"}),
                                       progress=progress_bar("ingest", args.json)).as_json()
     if not args.json:
         print_ingested(result)

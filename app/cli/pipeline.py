@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from app import catalog
 from app.cli.common import CommandError, add_queue_flags, command, create_rows, run_job
+from app.params import EvaluateJob, MineOptions, RunParams
 from app.settings import Settings
 
 
@@ -42,8 +44,7 @@ def cmd_score(args, settings: Settings) -> dict:
     from app.services.runs import launch_score
 
     job_id = create_rows(settings, lambda session: launch_score(
-        session, model_id=args.model, preset=args.preset, draws=args.draws, precision=args.precision,
-        all_labels=args.all_labels, seed=args.seed, shard_size=args.shard_size)[1].id)
+        session, model_id=args.model, params=run_params(args))[1].id)
     result = run_job(args, settings, job_id, "score")
     if not args.json and "run" in result:
         print(f"Scored {result['images']} images: run {result['run']}")
@@ -67,10 +68,17 @@ def cmd_mine(args, settings: Settings) -> dict:
     return result
 
 
-def mine_options(args) -> dict:
-    return {"patch_size": args.patch_size, "per_label": args.per_label, "clusters": args.clusters,
-            "per_image": args.per_image, "selection": args.selection,
-            "trend_members": args.trend_members, "lookalike_threshold": args.lookalike_threshold}
+def mine_options(args) -> MineOptions:
+    return MineOptions(patch_size=args.patch_size, per_label=args.per_label, clusters=args.clusters,
+                       per_image=args.per_image, selection=args.selection,
+                       trend_members=args.trend_members, lookalike_threshold=args.lookalike_threshold)
+
+
+def run_params(args) -> RunParams:
+    """`score`'s options (and `run`'s, with its mining options)."""
+    mine = mine_options(args) if hasattr(args, "per_label") else MineOptions()
+    return RunParams(preset=args.preset, draws=args.draws, precision=args.precision,
+                     all_labels=args.all_labels, seed=args.seed, shard_size=args.shard_size, mine=mine)
 
 
 @command("artifact")
@@ -93,10 +101,9 @@ def cmd_artifact(args, settings: Settings) -> dict:
 def cmd_run(args, settings: Settings) -> dict:
     from app.services.runs import launch_pipeline
 
+    options = {k: v for k, v in train_options(args).items() if k != "seed"}
     job_id = create_rows(settings, lambda session: launch_pipeline(
-        session, settings, **train_options(args),
-        preset=args.preset, draws=args.draws, precision=args.precision, shard_size=args.shard_size,
-        all_labels=args.all_labels, mine=mine_options(args))[2].id)
+        session, settings, **options, run=run_params(args))[2].id)
     result = run_job(args, settings, job_id, "train, score, mine")
     if not args.json and "run" in result:
         print(f"Model {result['model']}, run {result['run']}: {result.get('patches')} patches in "
@@ -112,8 +119,8 @@ def cmd_evaluate(args, settings: Settings) -> dict:
     def launch(session):
         if session.get(MiningRun, args.run) is None:
             raise CommandError(f"no run {args.run}")
-        return enqueue(session, kind="evaluate", params={
-            "run_id": args.run, "draws": args.draws, "max_images": args.max_images}).id
+        return enqueue(session, kind="evaluate", params=EvaluateJob(
+            run_id=args.run, draws=args.draws, max_images=args.max_images)).id
 
     result = run_job(args, settings, create_rows(settings, launch), "evaluate")
     if not args.json and "classifier_accuracy" in result:
@@ -174,12 +181,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 def add_train_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
     """The options of `train`, also `run`'s (which adds its own --seed, hence seed=False)."""
     parser.add_argument("--label-set", help="which label set (default: the only one)")
-    parser.add_argument("--backend", choices=("pixel", "stable-diffusion"), default="pixel")
+    parser.add_argument("--backend", choices=catalog.BACKENDS, default="pixel")
     parser.add_argument("--base", help="weights to start from: a model folder (or SD folder/hub id)")
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--steps", type=int, help="0: the model before fine-tuning, as a baseline")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--size", choices=("tiny", "small", "base"), help="pixel model width")
+    parser.add_argument("--size", choices=catalog.PIXEL_SIZES, help="pixel model width")
     parser.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")
     parser.add_argument("--lr", type=float, help="learning rate (default 1e-4, the fine-tuning recipe's; "
                                                  "a pixel model trained from scratch learns faster at 1e-3)")
@@ -194,11 +201,9 @@ def add_train_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> No
 
 def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
     """The options of `score`, also `run`'s (which adds its own --seed, hence seed=False)."""
-    from app.services.runs import PRECISIONS
-
-    parser.add_argument("--preset", choices=("paper", "fast"), default="paper")
+    parser.add_argument("--preset", choices=tuple(catalog.TYPICALITY_PRESETS), default="paper")
     parser.add_argument("--draws", type=int, help="override the preset's number of draws")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    parser.add_argument("--precision", choices=catalog.PRECISIONS, default="fp32",
                         help="denoiser autocast while scoring; fp16 is for GPUs (Stable Diffusion on an "
                         "H200: 4.9-6.5x faster, closer to fp32 than fp32 is to itself under another "
                         "seed), fp32 on CPUs")
@@ -221,5 +226,5 @@ def add_mine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, help="k-means clusters per label (paper: 32)")
     parser.add_argument("--trend-members", type=int,
                         help="ordered labels: members per cluster scored under every label (default 16)")
-    parser.add_argument("--selection", choices=("typical", "least", "random"),
+    parser.add_argument("--selection", choices=catalog.SELECTIONS,
                         help="which patches: the most typical (the method), or a baseline")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from app import catalog
 from app.cli.common import CommandError, add_queue_flags, command, create_rows, run_job
+from app.params import ParallelMine, TranslationOptions, ValidationError, readable
 from app.settings import Settings
 
 
@@ -12,44 +14,53 @@ from app.settings import Settings
 def cmd_translate(args, settings: Settings) -> dict:
     """A patch or an image region into every label (interactive job), or with --parallel N the
     consistent-change analysis of N sampled images (worker/handlers/translate.py, parallel.py)."""
-    from app.models import MiningRun, TrainedModel, Translation
-    from app.services.runs import labels_of
-    from worker.handlers.translate import canonical_params
-
     try:
-        params = canonical_params({"preset": args.preset, "invert_steps": args.invert_steps,
-                                   "sample_steps": args.sample_steps, "guidance": args.guidance,
-                                   "seed": args.seed, "sdedit_strength": args.sdedit,
-                                   "context": args.context})
-    except ValueError as error:
-        raise CommandError(str(error)) from error
+        options = TranslationOptions(preset=args.preset, invert_steps=args.invert_steps,
+                                     sample_steps=args.sample_steps, guidance=args.guidance,
+                                     seed=args.seed, sdedit_strength=args.sdedit, context=args.context)
+    except ValidationError as error:
+        raise CommandError(readable(error)) from error
     if args.parallel is not None:
-        if args.run is None:
-            raise CommandError("--parallel needs --run RUN")
-        from app.services.translation_jobs import launch_parallel
-
-        job_id = create_rows(settings, lambda session: launch_parallel(
-            session, run_id=args.run, images=args.parallel, params=params, clusters=args.clusters).id)
-        result = run_job(args, settings, job_id, "parallel dataset")
-        if not args.json and "summary" in result:
-            print(f"Parallel set of {result['images']} images x {len(result['labels'])} labels: "
-                  f"{result['patches']} patches in {result['clusters']} clusters ({result['summary']})")
-        return result
+        return translate_parallel(args, settings, options)
     if args.patch is None and (args.run is None or args.image is None):
         raise CommandError("give --patch ID, or --run RUN --image IMAGE_ID [--box x0,y0,x1,y1]")
-    box = None
-    if args.box:
-        try:
-            box = [int(float(v)) for v in args.box.split(",")]
-            assert len(box) == 4
-        except (ValueError, AssertionError) as error:
-            raise CommandError(f"--box wants x0,y0,x1,y1 in original pixels, got {args.box!r}") from error
+    return translate_region(args, settings, options, parse_box(args.box) if args.box else None)
+
+
+def translate_parallel(args, settings: Settings, options: TranslationOptions) -> dict:
+    from app.services.translation_jobs import launch_parallel
+
+    if args.run is None:
+        raise CommandError("--parallel needs --run RUN")
+    job_id = create_rows(settings, lambda session: launch_parallel(
+        session, run_id=args.run, images=args.parallel, options=options,
+        mine=ParallelMine(clusters=args.clusters)).id)
+    result = run_job(args, settings, job_id, "parallel dataset")
+    if not args.json and "summary" in result:
+        print(f"Parallel set of {result['images']} images x {len(result['labels'])} labels: "
+              f"{result['patches']} patches in {result['clusters']} clusters ({result['summary']})")
+    return result
+
+
+def parse_box(text: str) -> list[int]:
+    try:
+        box = [int(float(v)) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise CommandError(f"--box wants x0,y0,x1,y1 in original pixels, got {text!r}")
+    return box
+
+
+def translate_region(args, settings: Settings, options: TranslationOptions, box: list[int] | None) -> dict:
+    from app.models import MiningRun, TrainedModel, Translation
+    from app.services.runs import labels_of
 
     def launch(session):
         if args.patch is not None:
             from app.services.translations import request_translation
 
-            row, job = request_translation(session, patch_id=args.patch, params=params)
+            row, job = request_translation(session, patch_id=args.patch, options=options)
         else:
             from app.services.translation_jobs import request_region_translation
 
@@ -57,7 +68,7 @@ def cmd_translate(args, settings: Settings) -> dict:
             if run is None:
                 raise CommandError(f"no run {args.run}")
             row, job = request_region_translation(session, model_id=run.model_id, image_id=args.image,
-                                                  box=box, params=params)
+                                                  box=box, options=options)
         model = session.get(TrainedModel, row.model_id)
         return row.id, job, [label.name for label in labels_of(session, model.label_set_id)]
 
@@ -92,8 +103,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     translate.add_argument("--run", type=int, help="a run id (with --image, or --parallel)")
     translate.add_argument("--image", type=int, help="an image id of the run's dataset")
     translate.add_argument("--box", help="x0,y0,x1,y1 in original pixels (default: the whole image)")
-    translate.add_argument("--preset", choices=("fast", "reference"), default="fast",
-                           help="fast: 50 inversion / 25 sampling steps; reference: 999 / 50 (the paper)")
+    translate.add_argument("--preset", choices=tuple(catalog.TRANSLATION_PRESETS), default="fast",
+                           help="; ".join(f"{k}: {v}" for k, v in catalog.TRANSLATION_PRESETS.items()))
     translate.add_argument("--invert-steps", type=int)
     translate.add_argument("--sample-steps", type=int)
     translate.add_argument("--guidance", type=float, help="classifier-free guidance (paper and Stable "

@@ -78,3 +78,7 @@ def label_images(session: Session, label_id: int, *, offset: int, limit: int) ->
 
 def get_label(session: Session, label_id: int) -> Label | None:
     return session.get(Label, label_id)
+
+
+def dataset_id_by_name(session: Session, name: str) -> int | None:
+    return session.scalar(select(Dataset.id).where(Dataset.name == name))

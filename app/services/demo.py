@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Job, LabelSet, MiningRun, TrainedModel
+from app.params import MineOptions, RunParams
 from app.services.runs import create_model, find_dataset, find_label_set, new_run
 from app.settings import REPO_ROOT, Settings
 
@@ -17,8 +18,8 @@ LABEL_SETS = ("category", "year")
 WEIGHTS = REPO_ROOT / "demo" / "weights"
 #: Chosen so the whole demo, install included, stays under 10 minutes on 2 CPU cores
 #: (measured in docs/demo.md). Year trends: 3 members per cluster under all 11 years, 4 draws.
-MINING = dict(preset="fast", draws=4, mine={"per_label": 100, "clusters": 8, "trend_members": 3,
-                                            "trend_draws": 4})
+MINING = RunParams(preset="fast", draws=4, mine=MineOptions(per_label=100, clusters=8, trend_members=3,
+                                                           trend_draws=4))
 #: The recipe of the shipped weights, for `diffmine demo --retrain`.
 RECIPE = dict(backend="pixel", size="small", resolution=32, steps=2000, batch_size=256, seed=0)
 
@@ -59,7 +60,7 @@ def demo_jobs(session: Session, settings: Settings, *, retrain: bool) -> list[in
                                  backend="pixel", config=dict(RECIPE))
         else:
             model = shipped_model(session, settings, label_set)
-        run = new_run(session, model_id=model.id, seed=RECIPE["seed"], **MINING)
+        run = new_run(session, model_id=model.id, params=MINING.model_copy(update={"seed": RECIPE["seed"]}))
         job: Job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id},
                            max_attempts=5)
         jobs.append(job.id)

@@ -55,7 +55,7 @@ class _LoadedIndexes:
             if key in self.items:
                 self.items.move_to_end(key)
                 return self.items[key]
-        from worker.engine.vector_index import load_index  # faiss + numpy only
+        from app.vector_index import load_index  # faiss + numpy only
 
         loaded = (load_index(index_file), np.load(features_file, mmap_mode="r"))
         with self.lock:
@@ -72,7 +72,7 @@ def similar_patches(settings: Settings, session: Session, *, patch: dict, k: int
                     label_id: int | None = None) -> list[dict]:
     """The k patches of the run whose DIFT features are closest to this patch's (cosine),
     optionally only among one label's patches; the patch itself is left out."""
-    from worker.engine.vector_index import search
+    from app.vector_index import search
 
     if patch.get("feature_row") is None:
         return []

@@ -3,17 +3,16 @@ worker needs to feed the engine. Nothing here imports torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.jobs import enqueue
 from app.models import (Cluster, Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun,
                         TrainedModel)
+from app.params import MineOptions, RunParams, TrainConfig
 from app.settings import Settings
-
-BACKENDS = ("pixel", "stable-diffusion")
-TRAIN_DEFAULTS = {"pixel": dict(resolution=32, steps=1500, batch_size=32, size="small"),
-                  "stable-diffusion": dict(resolution=512, steps=5000, batch_size=8)}
 
 
 class NotFound(LookupError):
@@ -40,33 +39,19 @@ def find_label_set(session: Session, dataset: Dataset, name: str | None) -> Labe
 
 def create_model(session: Session, settings: Settings, *, dataset: Dataset, label_set: LabelSet,
                  backend: str, config: dict) -> TrainedModel:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    config = {**TRAIN_DEFAULTS[backend], **{k: v for k, v in config.items() if v is not None}}
-    check_processes(config)
+    """A model row; `config` is TrainConfig's fields, None or absent for the backend's default."""
+    recipe = TrainConfig.for_backend(backend, **config)
     model = TrainedModel(dataset_id=dataset.id, label_set_id=label_set.id, backend=backend,
-                         config=config, weights_dir="", status="queued")
+                         config=recipe.given() | {"seed": recipe.seed},
+                         weights_dir="", status="queued")
     session.add(model)
     session.flush()
     model.weights_dir = f"models/{model.id}/weights"
     return model
 
 
-def check_processes(config: dict) -> None:
-    """`processes` (launched training, worker/launched_training.py) must split the global batch
-    evenly: every process takes an equal slice of it."""
-    processes = config.get("processes")
-    if processes is None:
-        return
-    if processes < 1:
-        raise ValueError(f"processes must be at least 1, got {processes}")
-    if config["batch_size"] % processes:
-        raise ValueError(f"batch size {config['batch_size']} does not split evenly over "
-                         f"{processes} processes")
-
-
-def create_run(session: Session, *, model: TrainedModel, preset: str, params: dict) -> MiningRun:
-    run = MiningRun(model_id=model.id, preset=preset, params=params, status="queued")
+def create_run(session: Session, *, model: TrainedModel, params: RunParams) -> MiningRun:
+    run = MiningRun(model_id=model.id, preset=params.preset, params=params.given(), status="queued")
     session.add(run)
     session.flush()
     return run
@@ -111,59 +96,43 @@ def examples(session: Session, settings: Settings, *, label_set_id: int, split: 
 
 # --- launching work: rows first, then the job that fills them --------------------------------
 def new_model(session: Session, settings: Settings, *, dataset: str | int, label_set: str | None,
-              backend: str = "pixel", seed: int = 0, **config) -> TrainedModel:
+              backend: str = "pixel", **config) -> TrainedModel:
     ds = find_dataset(session, dataset)
     ls = find_label_set(session, ds, label_set)
-    return create_model(session, settings, dataset=ds, label_set=ls, backend=backend,
-                        config=dict(config, seed=seed))
+    return create_model(session, settings, dataset=ds, label_set=ls, backend=backend, config=config)
 
 
-#: Denoiser precision while scoring. fp16/bf16 autocast is for GPUs: on this project's CPUs it ran
-#: 2-4x slower than fp32; on an H200, fp16 scored Stable Diffusion 4.9x faster (docs/benchmarks.md).
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def new_run(session: Session, *, model_id: int, preset: str = "paper", draws: int | None = None,
-            all_labels: bool = False, seed: int = 0, mine: dict | None = None,
-            shard_size: int | None = None, precision: str = "fp32") -> MiningRun:
+def new_run(session: Session, *, model_id: int, params: RunParams) -> MiningRun:
     model = session.get(TrainedModel, model_id)
     if model is None:
         raise NotFound(f"no model {model_id}")
-    if preset not in ("paper", "fast"):
-        raise ValueError(f"unknown preset {preset!r}; choose paper or fast")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    params = {"preset": preset, "draws": draws, "all_labels": all_labels, "seed": seed,
-              "precision": precision,
-              "mine": {k: v for k, v in (mine or {}).items() if v is not None},
-              "shard_size": shard_size}
-    return create_run(session, model=model, preset=preset, params=params)
+    return create_run(session, model=model, params=params)
 
 
 def launch_train(session: Session, settings: Settings, **options) -> tuple[TrainedModel, Job]:
-    from app.jobs import enqueue
-
     model = new_model(session, settings, **options)
     return model, enqueue(session, kind="train", params={"model_id": model.id})
 
 
-def launch_score(session: Session, **options) -> tuple[MiningRun, Job]:
-    from app.jobs import enqueue
-
-    run = new_run(session, **options)
+def launch_score(session: Session, *, model_id: int, params: RunParams) -> tuple[MiningRun, Job]:
+    run = new_run(session, model_id=model_id, params=params)
     return run, enqueue(session, kind="score", params={"run_id": run.id, "model_id": run.model_id})
 
 
-def launch_mine(session: Session, *, run_id: int, mine: dict) -> Job:
-    from app.jobs import enqueue
-
+def run_past(session: Session, run_id: int, stage: str, missing: str) -> MiningRun:
+    """The run, once `stage` is done; else a ValueError saying what is `missing`."""
     run = session.get(MiningRun, run_id)
     if run is None:
         raise NotFound(f"no run {run_id}")
-    if "score" not in (run.stages_done or []):
-        raise ValueError(f"run {run_id} is not scored yet (status {run.status})")
+    if stage not in (run.stages_done or []):
+        raise ValueError(f"run {run_id} {missing} (status {run.status})")
+    return run
+
+
+def launch_mine(session: Session, *, run_id: int, mine: MineOptions) -> Job:
+    run = run_past(session, run_id, "score", "is not scored yet")
     # New mining parameters redo the mining stages, never the scoring.
-    run.params = {**run.params, "mine": {k: v for k, v in mine.items() if v is not None}}
+    run.params = {**run.params, "mine": mine.given()}
     run.stages_done = [s for s in run.stages_done if s == "score"]
     return enqueue(session, kind="mine", params={"run_id": run.id})
 
@@ -173,18 +142,11 @@ def launch_recluster(session: Session, *, run_id: int, lookalike_threshold: floa
     (cosine above `lookalike_threshold`, if given, else the run's or the default 0.6).
 
     Patches, features and crops are kept: no image is rescored or re-embedded."""
-    from app.jobs import enqueue
-
-    run = session.get(MiningRun, run_id)
-    if run is None:
-        raise NotFound(f"no run {run_id}")
-    if "features" not in (run.stages_done or []):
-        raise ValueError(f"run {run_id} has no features yet (status {run.status}); run: diffmine mine")
+    run = run_past(session, run_id, "features", "has no features yet; run: diffmine mine")
     if lookalike_threshold is not None:
-        if not -1 < lookalike_threshold < 1:
-            raise ValueError(f"lookalike threshold is a cosine in (-1, 1), got {lookalike_threshold}")
-        run.params = {**run.params, "mine": {**run.params.get("mine", {}),
-                                             "lookalike_threshold": lookalike_threshold}}
+        mine = MineOptions.model_validate({**run.params.get("mine", {}),
+                                           "lookalike_threshold": lookalike_threshold})
+        run.params = {**run.params, "mine": mine.given()}
     run.stages_done = [s for s in run.stages_done if s not in ("clusters", "trends")]
     return enqueue(session, kind="mine", params={"run_id": run.id})
 
@@ -200,18 +162,54 @@ def mark_artifact(session: Session, *, cluster_id: int, artifact: bool = True) -
 
 
 def launch_pipeline(session: Session, settings: Settings, *, dataset: str | int,
-                    label_set: str | None, backend: str = "pixel", seed: int = 0,
-                    preset: str = "paper", draws: int | None = None, all_labels: bool = False,
-                    mine: dict | None = None, shard_size: int | None = None, precision: str = "fp32",
+                    label_set: str | None, run: RunParams, backend: str = "pixel",
                     **train_config) -> tuple[TrainedModel, MiningRun, Job]:
-    """Model and run rows, and one pipeline job that trains, scores and mines."""
-    from app.jobs import enqueue
-
+    """Model and run rows, and one pipeline job that trains, scores and mines. The model is
+    trained with the run's seed."""
     model = new_model(session, settings, dataset=dataset, label_set=label_set, backend=backend,
-                      seed=seed, **train_config)
-    run = new_run(session, model_id=model.id, preset=preset, draws=draws, all_labels=all_labels,
-                  seed=seed, mine=mine, shard_size=shard_size, precision=precision)
+                      seed=run.seed, **train_config)
+    mining_run = new_run(session, model_id=model.id, params=run)
     # Three long stages in one job: allow a lost worker in each, and one more.
-    job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id},
+    job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": mining_run.id},
                   max_attempts=5)
-    return model, run, job
+    return model, mining_run, job
+
+
+# --- what handlers read ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRecord:
+    """A run with its model and labels, read once by every handler that works on a run."""
+
+    run_id: int
+    params: RunParams
+    stages_done: frozenset[str]
+    model_id: int
+    backend: str
+    config: dict
+    weights: Path
+    label_set_id: int
+    #: (label id, name) in label order
+    labels: tuple[tuple[int, str], ...]
+    ordinal: bool
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config["resolution"])
+
+    @property
+    def label_ids(self) -> list[int]:
+        return [label_id for label_id, _ in self.labels]
+
+
+def load_run(session: Session, settings: Settings, run_id: int) -> RunRecord:
+    run = session.get(MiningRun, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    model = session.get(TrainedModel, run.model_id)
+    label_set = session.get(LabelSet, model.label_set_id)
+    return RunRecord(run_id=run.id, params=RunParams.model_validate(run.params),
+                     stages_done=frozenset(run.stages_done or []), model_id=model.id,
+                     backend=model.backend, config=dict(model.config),
+                     weights=settings.home_dir / model.weights_dir, label_set_id=label_set.id,
+                     labels=tuple((label.id, label.name) for label in labels_of(session, label_set.id)),
+                     ordinal=label_set.kind == "ordinal")

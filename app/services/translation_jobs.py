@@ -6,18 +6,17 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.jobs import ACTIVE, PRIORITY_INTERACTIVE, enqueue
+from app.jobs import enqueue
 from app.models import Image, ImageLabel, Job, MiningRun, TrainedModel, Translation
+from app.params import ParallelJob, ParallelMine, TranslationOptions
 from app.services.runs import NotFound, labels_of
-from app.services.translations import jobs_for, translation_key
+from app.services.translations import cached_or_queued
 
 
 def request_region_translation(session: Session, *, model_id: int, image_id: int, box: list | None,
-                               params: dict | None = None,
-                               patch_id: int | None = None) -> tuple[Translation, int | None]:
+                               options: TranslationOptions | None = None) -> tuple[Translation, int | None]:
     """Like `request_translation`, for any image of the model's dataset and any box (original
-    pixels; None for the whole image): the cached row when there is one, else a new row and an
-    interactive "translate" job."""
+    pixels; None for the whole image)."""
     model = session.get(TrainedModel, model_id)
     if model is None:
         raise NotFound(f"no model {model_id}")
@@ -29,32 +28,12 @@ def request_region_translation(session: Session, *, model_id: int, image_id: int
         x0, y0, x1, y1 = box
         if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
             raise ValueError(f"box {box} is not inside the {image.width}x{image.height} image")
-    params = dict(params or {})
-    key = translation_key(box, params)
-    row = session.scalar(select(Translation).where(Translation.model_id == model_id,
-                                                   Translation.image_id == image_id,
-                                                   Translation.settings_key == key)
-                         .order_by(Translation.id.desc()).limit(1))
-    if row is None:
-        row = Translation(model_id=model_id, image_id=image_id, patch_id=patch_id, box=box,
-                          params=params, settings_key=key, status="queued")
-        session.add(row)
-        session.flush()
-    elif row.status == "ready":
-        return row, None
-    else:
-        job = jobs_for(session, [row.id]).get(row.id)
-        if job is not None and job.status in ACTIVE:
-            return row, job.id
-        row.status = "queued"
-    job = enqueue(session, kind="translate", params={"translation_id": row.id},
-                  priority=PRIORITY_INTERACTIVE)
-    return row, job.id
+    return cached_or_queued(session, model=model, image_id=image_id, patch_id=None, box=box,
+                            options=options)
 
 
-def launch_parallel(session: Session, *, run_id: int, images: int, params: dict | None = None,
-                    clusters: int | None = None, per_image: int | None = None,
-                    patch_size: int | None = None) -> Job:
+def launch_parallel(session: Session, *, run_id: int, images: int,
+                    options: TranslationOptions | None = None, mine: ParallelMine | None = None) -> Job:
     """The consistent-change job: a seeded sample of `images` images of the run's dataset,
     each translated into every label (worker/handlers/parallel.py)."""
     run = session.get(MiningRun, run_id)
@@ -67,7 +46,6 @@ def launch_parallel(session: Session, *, run_id: int, images: int, params: dict 
     available = session.scalar(select(ImageLabel.image_id).where(ImageLabel.label_id.in_(label_ids)).limit(1))
     if available is None:
         raise ValueError(f"run {run_id}'s label set has no labeled images")
-    mine = {k: v for k, v in dict(clusters=clusters, per_image=per_image, patch_size=patch_size).items()
-            if v is not None}
-    return enqueue(session, kind="parallel", params={"run_id": run_id, "images": images,
-                                                     "translation": dict(params or {}), "mine": mine})
+    return enqueue(session, kind="parallel", params=ParallelJob(
+        run_id=run_id, images=images, translation=options or TranslationOptions(),
+        mine=mine or ParallelMine()))

@@ -17,7 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.jobs import ACTIVE, PRIORITY_INTERACTIVE, enqueue
-from app.models import ClusterMember, Job, MiningRun, Patch, Translation
+from app.models import ClusterMember, Job, MiningRun, Patch, TrainedModel, Translation
+from app.params import TranslationOptions
 from app.services.runs import NotFound
 
 #: Members of a cluster translated for its consistent-change view.
@@ -34,23 +35,31 @@ def translation_key(box: list, params: dict) -> str:
 
 
 def request_translation(session: Session, *, patch_id: int,
-                        params: dict | None = None) -> tuple[Translation, int | None]:
+                        options: TranslationOptions | None = None) -> tuple[Translation, int | None]:
     """The translation of a patch's region into every label: the cached row when there is one
     (with its running job, or None when it is ready), else a new row and an interactive job."""
     patch = session.get(Patch, patch_id)
     if patch is None:
         raise NotFound(f"no patch {patch_id}")
-    model_id = session.scalar(select(MiningRun.model_id).where(MiningRun.id == patch.run_id))
-    box = [patch.x0, patch.y0, patch.x1, patch.y1]
-    params = dict(params or {})
+    model = session.get(TrainedModel, session.scalar(select(MiningRun.model_id)
+                                                     .where(MiningRun.id == patch.run_id)))
+    return cached_or_queued(session, model=model, image_id=patch.image_id, patch_id=patch.id,
+                            box=[patch.x0, patch.y0, patch.x1, patch.y1], options=options)
+
+
+def cached_or_queued(session: Session, *, model: TrainedModel, image_id: int, patch_id: int | None,
+                     box: list | None, options: TranslationOptions | None) -> tuple[Translation, int | None]:
+    """The row for these settings (ready: no job; running: its job), else a new or retried row
+    and its interactive job. Options are stored in their smallest spelling for the model's
+    backend, so equal settings share one row however they were given."""
+    params = (options or TranslationOptions()).canonical(model.backend)
     key = translation_key(box, params)
     translation = session.scalar(
-        select(Translation).where(Translation.model_id == model_id,
-                                  Translation.image_id == patch.image_id,
+        select(Translation).where(Translation.model_id == model.id, Translation.image_id == image_id,
                                   Translation.settings_key == key)
         .order_by(Translation.id.desc()).limit(1))
     if translation is None:
-        translation = Translation(model_id=model_id, image_id=patch.image_id, patch_id=patch.id,
+        translation = Translation(model_id=model.id, image_id=image_id, patch_id=patch_id,
                                   box=box, params=params, settings_key=key, status="queued")
         session.add(translation)
         session.flush()

@@ -45,20 +45,18 @@ def denoiser_resolution(denoiser) -> int:
 def run_evaluate(context: JobContext) -> dict:
     """Holdout diffusion-classifier accuracy, AUC-PR of typicality maps against annotated boxes,
     and how much of each label's top cluster lies on a planted mark."""
-    from app.models import MiningRun, TrainedModel
-    from worker.handlers.models import load_trained
+    from app.models import MiningRun
+    from app.services.runs import load_run
+    from worker.models import load_trained
 
-    run_id = context.params["run_id"]
+    job = context.job
+    run_id = job.run_id
     with session_scope(context.settings) as session:
-        run = session.get(MiningRun, run_id)
-        model = session.get(TrainedModel, run.model_id)
-        label_set_id, weights, model_id = model.label_set_id, model.weights_dir, model.id
-        resolution, seed = int(model.config["resolution"]), int(run.params.get("seed", 0))
-    denoiser = load_trained(context, model_id, context.settings.home_dir / weights)
-    result = holdout_accuracy(context, denoiser, label_set_id=label_set_id,
-                              draws=context.params.get("draws") or 16,
-                              max_images=context.params.get("max_images") or 1000, seed=seed)
-    result.update(box_metrics(context, run_id, label_set_id, resolution))
+        record = load_run(session, context.settings, run_id)
+    denoiser = load_trained(context, record.model_id, record.weights)
+    result = holdout_accuracy(context, denoiser, label_set_id=record.label_set_id, draws=job.draws,
+                              max_images=job.max_images, seed=record.params.seed)
+    result.update(box_metrics(context, run_id, record.label_set_id, record.resolution))
     result.update(mark_overlap(context, run_id))
     with session_scope(context.settings) as session:
         run = session.get(MiningRun, run_id)

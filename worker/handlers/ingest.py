@@ -11,13 +11,12 @@ from worker.context import JobContext
 
 
 def run_ingest(context: JobContext) -> dict:
-    params = dict(context.params)
-    # An upload from the web: its staged file is removed once the ingest is over for good.
-    remove_after = params.pop("remove_after", None)
-    # ...and is recorded by its name in the browser ("upload:photos.zip"), not the staged path.
-    display_source = params.pop("display_source", None)
-    existing = dataset_by_name(context.settings, params["name"])
-    if existing is not None and existing["source"] in (params["source"], display_source):
+    job = context.job
+    # An upload from the web: its staged file is removed once the ingest is over for good,
+    # and the dataset is recorded by its name in the browser ("upload:photos.zip").
+    remove_after, display_source = job.remove_after, job.display_source
+    existing = dataset_by_name(context.settings, job.name)
+    if existing is not None and existing["source"] in (job.source, display_source):
         # A previous attempt committed and then lost its worker: the ingest is done.
         return {"dataset": existing["name"], "images": existing["images"], "resumed": True}
     # An ingest is all-or-nothing, so it is not preempted halfway.
@@ -27,7 +26,8 @@ def run_ingest(context: JobContext) -> dict:
         context.progress(done, total, stage="ingest")
 
     try:
-        report = ingest_dataset(context.settings, **params, progress=progress,
+        report = ingest_dataset(context.settings, **job.model_dump(exclude={"remove_after", "display_source"}),
+                                progress=progress,
                                 staging_key=f"job-{context.job_id}")
     except IngestError:
         _remove_upload(context, remove_after)  # bad input: a retry would fail the same way

@@ -19,57 +19,40 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
 from app.db import session_scope
-from app.models import Cluster, ClusterMember, Image, LabelSet, MiningRun, Patch, TrainedModel
-from app.services.runs import labels_of
+from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
+from app.services.runs import load_run
 from worker.context import JobContext
-from worker.handlers.models import load_trained
+from worker.models import load_trained
 
 STAGES = ("patches", "features", "clusters", "crops", "trends")
 FEATURE_BATCH = 16
 CROP_PX = 96
-#: Members per cluster whose typicality under every label makes its trend (ordered labels).
-TREND_MEMBERS = 16
-#: Cosine similarity, on features centred on the run's mean, above which a patch counts as a
-#: look-alike of a marked artifact (the same centring as the near-duplicate merge).
-LOOKALIKE_THRESHOLD = 0.6
 
 
 class RunInfo:
     """What every stage needs to know about the run, read once."""
 
     def __init__(self, context: JobContext, run_id: int):
-        settings = context.settings
-        with session_scope(settings) as session:
-            run = session.get(MiningRun, run_id)
-            model = session.get(TrainedModel, run.model_id)
-            label_set = session.get(LabelSet, model.label_set_id)
-            self.labels = [(l.id, l.name) for l in labels_of(session, model.label_set_id)]
-            self.ordinal = label_set.kind == "ordinal"
-            self.params = dict(run.params)
-            self.stages_done = set(run.stages_done or [])
-            self.model_id, self.weights = model.id, settings.home_dir / model.weights_dir
-            self.resolution = int(model.config["resolution"])
-        self.run_id = run_id
-        self.dir = settings.runs_dir / str(run_id)
-        mine = self.params.get("mine") or {}
-        from worker.engine.patches import PER_IMAGE, PER_LABEL, default_patch_size
+        from worker.engine.patches import default_patch_size
 
-        self.patch_size = int(mine.get("patch_size") or default_patch_size(self.resolution))
-        self.per_label = int(mine.get("per_label") or PER_LABEL)
-        self.per_image = int(mine.get("per_image") or PER_IMAGE)
-        self.clusters = int(mine.get("clusters") or 32)
+        with session_scope(context.settings) as session:
+            record = load_run(session, context.settings, run_id)
+        mine = record.params.mine
+        self.run_id, self.params, self.seed = run_id, record.params, record.params.seed
+        self.labels, self.ordinal = list(record.labels), record.ordinal
+        self.stages_done = set(record.stages_done)
+        self.model_id, self.weights, self.resolution = record.model_id, record.weights, record.resolution
+        self.dir = context.settings.runs_dir / str(run_id)
+        self.patch_size = mine.patch_size or default_patch_size(self.resolution)
+        self.per_label, self.per_image, self.clusters = mine.per_label, mine.per_image, mine.clusters
         # "typical" is the method; "least" (-T) and "random" are its baselines, same pipeline.
-        self.selection = mine.get("selection") or "typical"
-        self.merge_threshold = float(mine.get("merge_threshold") or 0.95)
-        threshold = mine.get("lookalike_threshold")  # a cosine: 0 is a valid value
-        self.lookalike_threshold = LOOKALIKE_THRESHOLD if threshold is None else float(threshold)
-        self.trend_members = int(mine.get("trend_members") or TREND_MEMBERS)
-        self.trend_draws = mine.get("trend_draws")
-        self.seed = int(self.params.get("seed", 0))
+        self.selection, self.merge_threshold = mine.selection, mine.merge_threshold
+        self.lookalike_threshold = mine.lookalike_threshold
+        self.trend_members, self.trend_draws = mine.trend_members, mine.trend_draws
 
 
 def run_mine(context: JobContext) -> dict:
-    info = RunInfo(context, context.params["run_id"])
+    info = RunInfo(context, context.job.run_id)
     if "score" not in info.stages_done:
         raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
     stage_functions = {"patches": mine_patches, "features": mine_features,
@@ -192,7 +175,8 @@ def mine_features(context: JobContext, info: RunInfo) -> None:
 
     A part is computed by `compute_feature_part` and written by `write_feature_part`: here, or,
     with DIFFMINE_RAY_ADDRESS set, on Ray actors (worker/ray_backend.py) and written here."""
-    from worker.pieces import executor, run_pieces
+    from worker.executors import executor
+    from worker.pieces import run_pieces
 
     parts = feature_parts(context, info)
     options = dict(num_labels=len(info.labels), resolution=info.resolution, seed=info.seed)
@@ -257,7 +241,7 @@ def clip_box(box, size: int) -> tuple[float, float, float, float]:
 
 def write_index(context, info: RunInfo, parts: list[Path]) -> None:
     """All features into one memory-mapped array and a FAISS index; rows linked to patches."""
-    from worker.engine.vector_index import build_index, save_index
+    from app.vector_index import build_index, save_index
 
     if not parts:
         return
@@ -441,9 +425,9 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     for row in rows:
         by_image[row.image_id].append(row)
     images = list(by_image.values())
-    draws = {"draws": info.trend_draws} if info.trend_draws else {}
     denoiser = load_trained(context, info.model_id, info.weights)
-    preset = preset_for({**info.params, **draws}, denoiser)
+    params = info.params.model_copy(update={"draws": info.trend_draws}) if info.trend_draws else info.params
+    preset = preset_for(params, denoiser)
     per_cluster: dict[int, list[np.ndarray]] = defaultdict(list)
     for start in range(0, len(images), FEATURE_BATCH):
         batch = images[start:start + FEATURE_BATCH]

@@ -37,29 +37,27 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Image, MiningRun, TrainedModel
+from app.params import ParallelJob, ParallelMine
 from app.services.runs import examples, labels_of
 from app.services.translations import translation_key
 from worker.context import JobContext
-from worker.handlers.models import load_trained
-from worker.handlers.translate import canonical_params, crop_box, resolve_params, save_png
+from worker.models import load_trained
+from worker.handlers.translate import crop_box, save_png
 
 CHUNK_IMAGES = 4
-DEFAULT_PATCHES = 1000
-DEFAULT_CLUSTERS = 8
 MAX_MEMBERS_SHOWN = 16
 
 
-def parallel_folder(settings, run_id: int, params: dict) -> tuple[str, Path]:
-    key = translation_key(None, {"images": int(params["images"]),
-                                 "translation": canonical_params(params.get("translation")),
-                                 "mine": params.get("mine") or {}})[:16]
+def parallel_folder(settings, run_id: int, job: ParallelJob) -> tuple[str, Path]:
+    key = translation_key(None, {"images": job.images, "translation": job.translation.canonical(),
+                                 "mine": job.mine.given()})[:16]
     relative = f"runs/{run_id}/parallel/{key}"
     return relative, settings.home_dir / relative
 
 
 def run_parallel(context: JobContext) -> dict:
-    settings, params = context.settings, context.params
-    run_id = params["run_id"]
+    settings, job = context.settings, context.job
+    run_id = job.run_id
     with session_scope(settings) as session:
         run = session.get(MiningRun, run_id)
         if run is None:
@@ -69,24 +67,23 @@ def run_parallel(context: JobContext) -> dict:
         model_id, weights, label_set_id = model.id, settings.home_dir / model.weights_dir, model.label_set_id
         backend = model.backend
         configured = (model.config or {}).get("resolution")
-    relative, folder = parallel_folder(settings, run_id, params)
+    relative, folder = parallel_folder(settings, run_id, job)
     folder.mkdir(parents=True, exist_ok=True)
     summary_file = folder / "summary.json"
     if summary_file.exists():
         return finished(relative, json.loads(summary_file.read_text()))
-    options = resolve_params(params.get("translation"), backend)
-    mine = params.get("mine") or {}
+    options = job.translation.resolved(backend)
     denoiser = load_trained(context, model_id, weights)
     from worker.handlers.translate import model_resolution
 
     resolution = int(configured or model_resolution(denoiser))
-    sample = sample_images(context, folder, label_set_id, int(params["images"]), options["seed"])
+    sample = sample_images(context, folder, label_set_id, job.images, options["seed"])
     chunks = [sample[i:i + CHUNK_IMAGES] for i in range(0, len(sample), CHUNK_IMAGES)]
     translate_chunks(context, denoiser, folder, chunks, len(labels), resolution, options)
-    patches = mine_parallel(context, folder, chunks, resolution, mine)
+    patches = mine_parallel(context, folder, chunks, resolution, job.mine)
     features = patch_features(context, denoiser, folder, chunks, patches, len(labels), options["seed"])
     summary = cluster_and_write(context, folder, relative, run_id, labels, chunks, patches, features,
-                                resolution, options, mine, params)
+                                resolution, options, job)
     return finished(relative, summary)
 
 
@@ -163,17 +160,17 @@ def to_uint8(images) -> np.ndarray:
 
 
 # --- 3. mine ------------------------------------------------------------------------------------
-def mine_parallel(context, folder: Path, chunks, resolution: int, mine: dict) -> list[dict]:
+def mine_parallel(context, folder: Path, chunks, resolution: int, mine: ParallelMine) -> list[dict]:
     """Top boxes of every co-typicality map, then the best `patches` of the whole set."""
     import torch
 
-    from worker.engine.patches import PER_IMAGE, default_patch_size, patch_scores, top_boxes
+    from worker.engine.patches import default_patch_size, patch_scores, top_boxes
 
     path = folder / "patches.json"
     if path.exists():
         return json.loads(path.read_text())
-    patch_size = int(mine.get("patch_size") or default_patch_size(resolution))
-    per_image = int(mine.get("per_image") or PER_IMAGE)
+    patch_size = mine.patch_size or default_patch_size(resolution)
+    per_image = mine.per_image
     candidates = []
     for number in range(len(chunks)):
         with np.load(chunk_file(folder, number)) as data:
@@ -184,7 +181,7 @@ def mine_parallel(context, folder: Path, chunks, resolution: int, mine: dict) ->
                 candidates.append({"image_id": image_id, "chunk": number, "index": index,
                                    "box": [float(v) for v in box[:4]], "cotypicality": float(box.score)})
     candidates.sort(key=lambda c: -c["cotypicality"])
-    kept = candidates[: int(mine.get("patches") or DEFAULT_PATCHES)]
+    kept = candidates[: mine.patches]
     kept.sort(key=lambda c: (c["chunk"], c["index"], c["box"]))
     write_json(path, kept)
     context.progress(1, 1, f"{len(kept)} patches", stage="mine", force=True)
@@ -227,7 +224,7 @@ def patch_features(context, denoiser, folder: Path, chunks, patches: list[dict],
 
 # --- 5. clusters, crops, summary ----------------------------------------------------------------
 def cluster_and_write(context, folder: Path, relative: str, run_id: int, labels, chunks, patches, features,
-                      resolution: int, options: dict, mine: dict, params: dict) -> dict:
+                      resolution: int, options: dict, job: ParallelJob) -> dict:
     import warnings
 
     from worker.engine.clustering import cluster_features, order_clusters
@@ -241,7 +238,7 @@ def cluster_and_write(context, folder: Path, relative: str, run_id: int, labels,
     if len(patches):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fewer patches than clusters: fewer clusters
-            clustering = cluster_features(features, k=int(mine.get("clusters") or DEFAULT_CLUSTERS),
+            clustering = cluster_features(features, k=job.mine.clusters,
                                           seed=options["seed"])
         scores = np.array([p["cotypicality"] for p in patches])
         ranked = order_clusters(clustering.assignments, clustering.distances, scores)
@@ -260,7 +257,7 @@ def cluster_and_write(context, folder: Path, relative: str, run_id: int, labels,
             clusters.append({"rank": rank, "size": len(cluster.members),
                              "median_cotypicality": cluster.median_typicality, "members": members})
     summary = {"run": run_id, "labels": [{"id": i, "name": n} for i, n in labels],
-               "images": [e["image_id"] for e in sample], "params": params, "resolution": resolution,
+               "images": [e["image_id"] for e in sample], "params": job.model_dump(exclude_defaults=True), "resolution": resolution,
                "options": options,
                "reconstruction_error": {"mean": float(np.mean(errors)) if errors else None,
                                         "max": float(np.max(errors)) if errors else None},

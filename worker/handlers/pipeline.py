@@ -10,11 +10,12 @@ from worker.handlers.train import run_train
 
 
 def run_pipeline(context: JobContext) -> dict:
+    job = context.job
     with session_scope(context.settings) as session:
-        model = session.get(TrainedModel, context.params["model_id"])
-        run = session.get(MiningRun, context.params["run_id"])
+        model = session.get(TrainedModel, job.model_id)
+        run = session.get(MiningRun, job.run_id)
         trained, scored = model.status == "ready", "score" in (run.stages_done or [])
-    result: dict = {"model": context.params["model_id"], "run": context.params["run_id"]}
+    result: dict = {"model": job.model_id, "run": job.run_id}
     if not trained:
         result.update(run_train(context))
     if not scored:

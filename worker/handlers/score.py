@@ -20,14 +20,15 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 
 from app.db import session_scope
-from app.models import ImageLabel, ImageScore, MiningRun, TrainedModel
-from app.services.runs import Example, examples, labels_of
+from app.models import ImageLabel, ImageScore, MiningRun
+from app.params import RunParams
+from app.services.runs import Example, examples, load_run
 from app.settings import Settings
 from worker.context import JobContext
 from worker.handlers.evaluate import denoiser_resolution
-from worker.pieces import executor, run_pieces
+from worker.executors import executor
+from worker.pieces import run_pieces
 
-SHARD_IMAGES = 64
 
 
 @dataclass
@@ -43,27 +44,22 @@ class ShardScores:
 
 
 def run_score(context: JobContext) -> dict:
-    settings, run_id = context.settings, context.params["run_id"]
+    settings, run_id = context.settings, context.job.run_id
     with session_scope(settings) as session:
-        run = session.get(MiningRun, run_id)
-        model = session.get(TrainedModel, run.model_id)
-        run.status = "scoring"
-        label_ids = [l.id for l in labels_of(session, model.label_set_id)]
+        record = load_run(session, settings, run_id)
+        session.get(MiningRun, run_id).status = "scoring"
         total = session.scalar(select(func.count(func.distinct(ImageLabel.image_id)))
-                               .where(ImageLabel.label_id.in_(label_ids)))
-        params, label_set_id = dict(run.params), model.label_set_id
-        weights = settings.home_dir / model.weights_dir
-        model_id = model.id
+                               .where(ImageLabel.label_id.in_(record.label_ids)))
     maps_dir = settings.runs_dir / str(run_id) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
-    shard_size = params.get("shard_size") or SHARD_IMAGES
-    execute = executor(context, model_id=model_id, weights=weights, compute=compute_shard,
-                       options=dict(label_ids=label_ids, params=params), name="score")
+    execute = executor(context, model_id=record.model_id, weights=record.weights, compute=compute_shard,
+                       options=dict(label_ids=record.label_ids, params=record.params), name="score")
 
     def write(path, shard, scores):
         write_shard(settings, shard, path, run_id=run_id, scores=scores)
 
-    done = run_pieces(context, shards(settings, label_set_id, shard_size, maps_dir), execute, write,
+    done = run_pieces(context, shards(settings, record.label_set_id, record.params.shard_size, maps_dir),
+                      execute, write,
                       stage="score", message="{done}/{total} images", size=len, total=total)
     with session_scope(settings) as session:
         run = session.get(MiningRun, run_id)
@@ -81,16 +77,16 @@ GPU_PIXEL_FORWARD_BATCH = 512
 CPU_PIXEL_LAYOUT = {"forward_batch": 64, "channels_last": True}
 
 
-def preset_for(params: dict, denoiser):
+def preset_for(params: RunParams, denoiser):
     """The run's typicality preset with its draws, precision and the denoiser's device applied.
     None of these change the draws, so the numbers stay those of the preset (up to rounding)."""
     from worker.engine.presets import get_preset
 
     device = next(denoiser.parameters()).device.type
-    preset = get_preset(params["preset"])
-    if params.get("draws"):
-        preset = preset.with_(draws=params["draws"])
-    precision = params.get("precision") or "fp32"
+    preset = get_preset(params.preset)
+    if params.draws:
+        preset = preset.with_(draws=params.draws)
+    precision = params.precision
     if precision != "fp32":
         if device == "cpu":
             raise ValueError(f"{precision} scoring needs a GPU (it runs 2-4x slower than fp32 on a CPU); "
@@ -118,17 +114,17 @@ def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
 
 
 def compute_shard(denoiser, shard: list[Example], label_ids: list[int],
-                  params: dict) -> ShardScores:
+                  params: RunParams) -> ShardScores:
     """Typicality of a shard's images under their own labels (and every label with all_labels),
     with a map for every row."""
 
     from worker.engine.data import load_views
 
-    preset, seed = preset_for(params, denoiser), params["seed"]
+    preset, seed = preset_for(params, denoiser), params.seed
     images = load_views([e.path for e in shard], denoiser_resolution(denoiser))
     scores = ShardScores(maps={}, records=[])
     records = own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores.maps)
-    if params.get("all_labels"):
+    if params.all_labels:
         every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores, records)
     scores.records = list(records.values())
     return scores

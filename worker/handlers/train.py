@@ -6,21 +6,21 @@ which builds the same denoiser and dataset from the same spec and calls the same
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from app.db import session_scope
 from app.models import TrainedModel
-from app.services.runs import examples, labels_of
+from app.params import TrainConfig
 from worker.context import JobContext
 from worker.handlers.evaluate import holdout_accuracy
-from worker.handlers.models import build_denoiser, device_of
+from worker.models import device_of
+from worker.training_spec import build_training, train_options, training_spec
 
 
 def run_train(context: JobContext) -> dict:
-    spec = training_spec(context.settings, context.params["model_id"])
-    if spec["config"]["steps"] == 0:
+    spec = training_spec(context.settings, context.job.model_id)
+    config = TrainConfig.model_validate(spec["config"])
+    if config.steps == 0:
         denoiser, result = before_fine_tuning(context, spec)
-    elif is_launched(spec["config"]):
+    elif config.launched:
         from worker.engine.registry import load_denoiser
         from worker.launched_training import launch_and_follow
 
@@ -29,45 +29,6 @@ def run_train(context: JobContext) -> dict:
     else:
         denoiser, result = train_here(context, spec)
     return finish(context, spec, denoiser, result)
-
-
-def is_launched(config: dict) -> bool:
-    return bool(config.get("processes") or config.get("accelerate_config"))
-
-
-def training_spec(settings, model_id: int) -> dict:
-    """Everything training needs as plain JSON: what launched processes read instead of the
-    database (on other machines they may not reach it)."""
-    with session_scope(settings) as session:
-        model = session.get(TrainedModel, model_id)
-        model.status = "training"
-        train_set = examples(session, settings, label_set_id=model.label_set_id, split="train")
-        model_dir = settings.home_dir / model.weights_dir
-        return {"model_id": model_id, "backend": model.backend, "config": dict(model.config),
-                "label_set_id": model.label_set_id,
-                "labels": [label.name for label in labels_of(session, model.label_set_id)],
-                "paths": [e.path for e in train_set],
-                "label_indices": [e.label_indices for e in train_set],
-                "model_dir": str(model_dir), "checkpoint_dir": str(model_dir.parent / "checkpoints")}
-
-
-def build_training(spec: dict, device: str):
-    """The denoiser to train and its dataset, identical in the worker and in launched processes."""
-    from worker.engine.data import ImageDataset, multi_hot
-
-    denoiser = build_denoiser(spec["backend"], spec["labels"], spec["config"], device)
-    dataset = ImageDataset(spec["paths"], multi_hot(spec["label_indices"], len(spec["labels"])),
-                           resolution=spec["config"]["resolution"], train=True)
-    return denoiser, dataset
-
-
-def train_options(spec: dict) -> dict:
-    """`train`'s keyword arguments from the model's config: one recipe for both paths."""
-    config = spec["config"]
-    return dict(steps=config["steps"], batch_size=config["batch_size"], seed=config["seed"],
-                null_dropout=config.get("null_dropout", 0.1), lr=config.get("lr", 1e-4),
-                checkpoint_dir=Path(spec["checkpoint_dir"]),
-                checkpoint_every=config.get("checkpoint_every", 100))
 
 
 def train_here(context: JobContext, spec: dict):
@@ -96,11 +57,11 @@ def before_fine_tuning(context: JobContext, spec: dict):
 
 def finish(context: JobContext, spec: dict, denoiser, result) -> dict:
     """Holdout accuracy and metrics of the trained model; the model becomes ready."""
-    config, model_id = spec["config"], spec["model_id"]
+    config, model_id = TrainConfig.model_validate(spec["config"]), spec["model_id"]
     context.progress(0, None, "holdout accuracy", stage="evaluate", force=True)
     accuracy = holdout_accuracy(context, denoiser, label_set_id=spec["label_set_id"],
-                                draws=config.get("eval_draws", 16),
-                                max_images=config.get("eval_images", 200), seed=config["seed"])
+                                draws=config.eval_draws, max_images=config.eval_images,
+                                seed=config.seed)
     metrics = {"final_loss": result.final_loss, "steps": result.steps,
                "loss_curve": result.losses[:: max(1, len(result.losses) // 200)], **accuracy}
     with session_scope(context.settings) as session:

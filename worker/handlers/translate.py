@@ -2,7 +2,7 @@
 
 Job params: {"translation_id": T}. The Translation row (app/services/translations.py creates it)
 names the model, the image, the box (original pixels, or None for the whole image) and the
-options (`params`, {} for the defaults; see `resolve_params`). The handler
+options (`params`, {} for the defaults; see app.params.TranslationOptions). The handler
 
 1. takes the model's view of the image exactly as scoring does (resize the shorter side to the
    model resolution, center crop) - of the whole image, or of a square context window around
@@ -34,54 +34,13 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Image, ImageLabel, Patch, TrainedModel, Translation
+from app.params import TranslationOptions
 from app.services.runs import labels_of
 from worker.context import JobContext, JobPreempted
-from worker.handlers.models import load_trained
-
-#: option -> default when not given (the preset fills the four DDIM numbers)
-OPTION_DEFAULTS = {"preset": "fast", "invert_steps": None, "sample_steps": None, "guidance": None,
-                   "invert_guidance": None, "sdedit_strength": None, "pnp": None, "seed": 0,
-                   "context": None, "draws": 8}
-#: typicality draws of the crop scores (stratified, so even)
-MIN_DRAWS = 2
-#: Guidance of the fast preset on pixel models: 3 raises the targets' typicality as much as the
-#: paper's 7.5 and moves the source's own regeneration less (RMSE 0.23 vs 0.32; docs/benchmarks.md,
-#: Translation). Stable Diffusion and the reference preset keep the paper's 7.5.
-PIXEL_GUIDANCE = 3.0
-
-
-def resolve_params(params: dict | None, backend: str = "pixel") -> dict:
-    """Options with every value filled in: the preset's numbers unless overridden."""
-    from worker.engine.translation import get_preset
-
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(OPTION_DEFAULTS) - {"reconstruction_error"})
-    if unknown:
-        raise ValueError(f"unknown translation option(s) {unknown}; known: {sorted(OPTION_DEFAULTS)}")
-    values = {k: params.get(k) if params.get(k) is not None else v for k, v in OPTION_DEFAULTS.items()}
-    preset = get_preset(values.pop("preset"))
-    if values["guidance"] is None and backend == "pixel" and preset.name != "reference":
-        values["guidance"] = PIXEL_GUIDANCE
-    for key, value in preset.kwargs().items():
-        if values.get(key) is None:
-            values[key] = value
-    values["invert_steps"], values["sample_steps"] = int(values["invert_steps"]), int(values["sample_steps"])
-    values["guidance"], values["invert_guidance"] = float(values["guidance"]), float(values["invert_guidance"])
-    values["seed"], values["draws"] = int(values["seed"]), max(MIN_DRAWS, int(values["draws"]) // 2 * 2)
-    if values["context"] is not None and float(values["context"]) < 1:
-        raise ValueError(f"context must be at least 1 (a window as large as the box), got {values['context']}")
-    return values
-
-
-def canonical_params(params: dict | None, backend: str = "pixel") -> dict:
-    """The smallest equivalent options: only values that differ from the defaults, so equal
-    settings give one cache key however they were spelled (preset name or numbers)."""
-    resolved, defaults = resolve_params(params, backend), resolve_params({}, backend)
-    return {k: v for k, v in resolved.items() if v != defaults[k]}
-
+from worker.models import load_trained
 
 def run_translate(context: JobContext) -> dict:
-    settings, translation_id = context.settings, context.params["translation_id"]
+    settings, translation_id = context.settings, context.job.translation_id
     with session_scope(settings) as session:
         row = session.get(Translation, translation_id)
         if row is None:
@@ -116,7 +75,7 @@ def translate_row(context: JobContext, translation_id: int) -> dict:
         model_id, weights, backend = model.id, settings.home_dir / model.weights_dir, model.backend
         configured = (model.config or {}).get("resolution")
         image_path, image_size = settings.home_dir / image.stored_path, (image.width, image.height)
-    options = resolve_params(params, backend)
+    options = TranslationOptions.model_validate(params).resolved(backend)
     denoiser = load_trained(context, model_id, weights)
     resolution = int(configured or model_resolution(denoiser))
     view, model_box = model_view(image_path, image_size, box, resolution, options["context"])

@@ -3,23 +3,18 @@ and runs, with the form that starts a run."""
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
-from sqlalchemy import select
 
+from app import catalog
 from app.ingest import TWEMOJI_CREDIT
 from app.jobs import job_json, list_jobs
-from app.models import Dataset
+from app.params import MineOptions, RunParams, ValidationError, readable
 from app.services.datasets import dataset_json, dataset_samples, datasets_query, label_samples, load_dataset
 from app.services.galleries import models_of_dataset, runs_of_datasets
-from app.services.runs import BACKENDS, PRECISIONS, NotFound, launch_pipeline
+from app.services.runs import NotFound, launch_pipeline
 from app.web.deps import CSRF, SessionDep, SettingsDep, redirect, render
+from app.web.forms import RUN_CHOICES, RUN_DEFAULTS, form_defaults, upload_limits
 
 router = APIRouter(tags=["datasets"])
-
-#: The run form's choices and defaults: "fast" is the quick look, "paper" the reference recipe.
-RUN_DEFAULTS = {"preset": "fast", "backend": "pixel", "steps": 1500, "draws": None, "size": "small",
-                "resolution": None, "batch_size": None, "per_label": None, "clusters": None,
-                "all_labels": True, "seed": 0, "base": "", "precision": "fp32", "processes": None}
-
 
 @router.get("/", summary="Datasets, their label sets and runs; the upload form")
 def home(request: Request, session: SessionDep):
@@ -30,8 +25,6 @@ def home(request: Request, session: SessionDep):
                          for d in datasets],
             "jobs": [job_json(j) for j in list_jobs(session, active_only=True, limit=10)]}
     credit = TWEMOJI_CREDIT if any(d.source == "builtin:twemoji" for d in datasets) else None
-    from app.web.views.uploads import form_defaults, upload_limits
-
     return render(request, "index.html", {"data": data, "credit": credit, "form": form_defaults(),
                                           "limits": upload_limits(request.app.state.settings),
                                           "error": None})
@@ -65,7 +58,7 @@ def dataset_page(request: Request, dataset_id: int, session: SessionDep):
     credit = TWEMOJI_CREDIT if dataset.source == "builtin:twemoji" else None
     return render(request, "dataset.html", {"data": dataset_page_data(request, session, dataset),
                                             "credit": credit, "form": RUN_DEFAULTS, "error": None,
-                                            "backends": BACKENDS, "precisions": PRECISIONS})
+                                            **RUN_CHOICES})
 
 
 def _int(form, name: str, low: int, high: int) -> int | None:
@@ -89,18 +82,20 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
     values = {k: form.get(k) for k in RUN_DEFAULTS}
     values["all_labels"] = bool(form.get("all_labels"))
     try:
-        preset = form.get("preset") or "fast"
         backend = form.get("backend") or "pixel"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown model backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend not in catalog.BACKENDS:
+            raise ValueError(f"unknown model backend {backend!r}; choose one of {', '.join(catalog.BACKENDS)}")
         size = form.get("size") or None
-        if size not in (None, "tiny", "small", "base"):
-            raise ValueError(f"model size must be tiny, small or base, got {size!r}")
+        if size not in (None, *catalog.PIXEL_SIZES):
+            raise ValueError(f"model size must be one of {', '.join(catalog.PIXEL_SIZES)}, got {size!r}")
         label_set = form.get("label_set") or None
-        mine = {"per_label": _int(form, "per_label", 1, 100_000),
-                "clusters": _int(form, "clusters", 1, 1000),
-                "patch_size": _int(form, "patch_size", 2, 4096),
-                "per_image": _int(form, "per_image", 1, 100)}
+        mine = MineOptions(per_label=_int(form, "per_label", 1, 100_000),
+                           clusters=_int(form, "clusters", 1, 1000),
+                           patch_size=_int(form, "patch_size", 2, 4096),
+                           per_image=_int(form, "per_image", 1, 100))
+        run = RunParams(preset=form.get("preset") or "fast", seed=_int(form, "seed", 0, 2**31) or 0,
+                        draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"],
+                        precision=form.get("precision") or "fp32", mine=mine)
         config = {"steps": _int(form, "steps", 1, 10_000_000),
                   "resolution": _int(form, "resolution", 8, 4096),
                   "batch_size": _int(form, "batch_size", 1, 4096),
@@ -110,24 +105,18 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
         if backend == "stable-diffusion" and not config["base"]:
             raise ValueError("the stable-diffusion backend needs base weights: a Stable Diffusion "
                              "folder on the server")
-        _, run, job = launch_pipeline(
-            session, settings, dataset=dataset.id, label_set=label_set, backend=backend,
-            seed=_int(form, "seed", 0, 2**31) or 0, preset=preset,
-            draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"], mine=mine,
-            precision=form.get("precision") or "fp32", **config)
+        _, mining_run, job = launch_pipeline(session, settings, dataset=dataset.id, label_set=label_set,
+                                             backend=backend, run=run, **config)
     except (ValueError, NotFound) as error:
         session.rollback()
+        message = readable(error) if isinstance(error, ValidationError) else str(error)
         data = dataset_page_data(request, session, _dataset_or_404(session, dataset_id))
-        data["error"] = str(error)
+        data["error"] = message
         credit = TWEMOJI_CREDIT if dataset.source == "builtin:twemoji" else None
-        return render(request, "dataset.html", {"data": data, "credit": credit, "error": str(error),
+        return render(request, "dataset.html", {"data": data, "credit": credit, "error": message,
                                                 "form": dict(RUN_DEFAULTS, **{k: v for k, v in values.items() if v is not None}),
-                                                "backends": BACKENDS, "precisions": PRECISIONS}, status_code=400)
-    return redirect(request, f"/jobs/{job.id}", data={"job": job.id, "run": run.id})
-
-
-def dataset_id_by_name(session, name: str) -> int | None:
-    return session.scalar(select(Dataset.id).where(Dataset.name == name))
+                                                **RUN_CHOICES}, status_code=400)
+    return redirect(request, f"/jobs/{job.id}", data={"job": job.id, "run": mining_run.id})
 
 
 def _thumb(image) -> dict:

@@ -16,11 +16,12 @@ from app.db import session_scope
 from app.ingest import IngestError, ingest_dataset
 from app.ingest.sources import ZipLimits, check_zip
 from app.jobs import enqueue
+from app.services.datasets import dataset_id_by_name
 from app.services.uploads import set_dataset_source
 from app.web.deps import SettingsDep, is_htmx, redirect, render, templates, wants_json
 from app.web.security import CSRF_FIELD, CSRF_HEADER, csrf_ok
-from app.web.upload_stream import StreamedForm, UploadError, human_bytes, stream_form
-from app.web.views.datasets import dataset_id_by_name
+from app.web.upload_stream import StreamedForm, UploadError, stream_form
+from app.web.forms import form_defaults, upload_limits
 
 router = APIRouter(tags=["upload"])
 
@@ -30,22 +31,11 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json", ".tsv")
 FORM_FIELDS = ("name", "server_path", "label_column", "bin", "holdout", "in_place", "seed")
 
 
-def form_defaults() -> dict:
-    return {"name": "", "server_path": "", "label_column": "", "bin": "", "holdout": "0.1",
-            "in_place": "", "seed": "0"}
-
-
 @router.get("/upload", summary="The upload form")
 def upload_page(request: Request, settings: SettingsDep):
     limits = upload_limits(settings)
     return render(request, "upload.html", {"data": limits, "limits": limits,
                                            "form": form_defaults(), "error": None})
-
-
-def upload_limits(settings) -> dict:
-    return {"max_upload_bytes": settings.max_upload_bytes,
-            "max_upload": human_bytes(settings.max_upload_bytes),
-            "min_images_per_label": settings.min_images_per_label}
 
 
 @router.post("/upload", summary="Upload a zip or manifest (multipart, field 'file'), or name a "

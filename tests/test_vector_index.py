@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.engine import vector_index
-from worker.engine.vector_index import (add_batches, build_index, create_index, default_nlist, index_kind,
+from app import vector_index
+from app.vector_index import (add_batches, build_index, create_index, default_nlist, index_kind,
                                         load_index, save_index, search)
 
 DIM = 32
