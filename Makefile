@@ -16,7 +16,7 @@ $(BIN)/diffmine: pyproject.toml
 	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
-.PHONY: install demo test serve
+.PHONY: install demo test lint serve
 install: $(BIN)/diffmine
 
 demo: install
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Style (ruff) and the layers' import contracts (import-linter, pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 serve: install
 	$(BIN)/diffmine serve

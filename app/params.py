@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app import catalog
 
-__all__ = ["ValidationError"]
 
 Preset = Literal["paper", "fast"]
 Backend = Literal["pixel", "stable-diffusion"]
@@ -120,11 +119,18 @@ class MineOptions(Params):
     merge_threshold: float = 0.95
     #: re-clustering drops patches this close (cosine of centred DIFT features) to an artifact
     #: cluster's member; chosen on the planted-mark test, not tuned (docs/method.md)
-    lookalike_threshold: float = Field(0.6, gt=-1, lt=1)
+    lookalike_threshold: float = 0.6
     #: ordered labels: members per cluster scored under every label for its trend
     trend_members: int = Field(16, ge=1)
     #: draws of those trend scores; None: the run's preset
     trend_draws: int | None = Field(None, ge=2)
+
+    @field_validator("lookalike_threshold")
+    @classmethod
+    def _a_cosine(cls, value: float) -> float:
+        if not -1 < value < 1:
+            raise ValueError(f"the lookalike threshold is a cosine in (-1, 1), got {value}")
+        return value
 
 
 class RunParams(Params):
@@ -280,5 +286,12 @@ def job_params(kind: str, params: dict | Params) -> Params:
 
 
 def readable(error: ValidationError) -> str:
-    """One line per wrong value, for the CLI and the forms."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in error.errors())
+    """The wrong values in one line, for the CLI and the forms."""
+    return "; ".join(_readable(e) for e in error.errors())
+
+
+def _readable(error: dict) -> str:
+    field = ".".join(map(str, error["loc"])) or "value"
+    if error["type"] == "literal_error":
+        return f"unknown {field} {error['input']!r}; {error['msg'].replace('Input should be', 'choose')}"
+    return f"{field}: {error['msg'].removeprefix('Value error, ')}"
