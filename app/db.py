@@ -1,9 +1,9 @@
 """Engine, sessions and schema upgrades for the diffmine database."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine

@@ -23,8 +23,8 @@ which the installed faiss-cpu (1.15) supports for all three kinds; a bitmap sele
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import faiss
 import numpy as np

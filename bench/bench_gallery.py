@@ -34,8 +34,7 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import insert  # noqa: E402
 
 from app.db import engine_for, session_scope, upgrade  # noqa: E402
-from app.models import (Cluster, ClusterMember, Dataset, Image, Label, LabelSet, MiningRun,  # noqa: E402
-                        Patch, TrainedModel)
+from app.models import Cluster, ClusterMember, Dataset, Image, Label, LabelSet, MiningRun, Patch, TrainedModel  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 LUA = """

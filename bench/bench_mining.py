@@ -20,11 +20,11 @@ import faiss
 import numpy as np
 import torch
 
+from app.vector_index import add_batches, build_index, create_index, search
 from worker.engine.clustering import cluster_features
 from worker.engine.dift import patch_features, patch_features_per_patch
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label
 from worker.engine.registry import create_pixel_denoiser
-from app.vector_index import build_index, create_index, add_batches, search
 
 
 def timed(function, *args, **kwargs):

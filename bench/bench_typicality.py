@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.engine.presets import FAST, PAPER, TypicalityPreset  # noqa: E402
 from worker.engine.registry import create_pixel_denoiser, load_denoiser  # noqa: E402
-from worker.engine.training import train  # noqa: E402
 from worker.engine.timesteps import fit_timestep_weights  # noqa: E402
+from worker.engine.training import train  # noqa: E402
 from worker.engine.typicality import draw_timesteps_and_noise, typicality_stream  # noqa: E402
 
 ANIMALS = ["Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"]
@@ -194,7 +194,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+    machine = platform.processor() or platform.machine()
+    report: dict = {"date": datetime.date.today().isoformat(), "machine": f"{machine}, "
                     f"{args.threads} torch threads, torch {torch.__version__}", "command": " ".join(sys.argv)}
 
     images, labels = animal_mnist()
@@ -294,13 +295,16 @@ def print_markdown(report: dict) -> None:
     print(f"\n{report['date']} - {report['machine']}")
     if report.get("training"):
         t = report["training"]
-        print(f"training: {t['steps']} steps, {t['seconds_per_step']:.2f} s/step at batch 32, final loss {t['final_loss']:.4f}")
-    print(f"fp32 matmul peak {compute['matmul_peak_gflops']:.1f} GFLOP/s; denoiser {compute['gflop_per_image'] * 1e3:.1f} "
+        print(f"training: {t['steps']} steps, {t['seconds_per_step']:.2f} s/step at batch 32, "
+              f"final loss {t['final_loss']:.4f}")
+    print(f"fp32 matmul peak {compute['matmul_peak_gflops']:.1f} GFLOP/s; "
+          f"denoiser {compute['gflop_per_image'] * 1e3:.1f} "
           f"MFLOP per image, {compute['parameters'] / 1e6:.2f} M parameters\n")
     print("| batch | channels_last | forward images/s | GFLOP/s | share of matmul peak |")
     print("|---:|---|---:|---:|---:|")
     for row in compute["forward"]:
-        print(f"| {row['batch']} | {row['channels_last']} | {row['images_per_s']:.0f} | {row['gflops']:.1f} | {row['share_of_peak']:.0%} |")
+        print(f"| {row['batch']} | {row['channels_last']} | {row['images_per_s']:.0f} | {row['gflops']:.1f} "
+              f"| {row['share_of_peak']:.0%} |")
     typ = report["typicality"]
     print(f"\nTypicality of {typ['images']} held-out images under their own label; top patch {typ['patch_px']} px\n")
     print("| option | images/s | speed-up | draws | Spearman rho vs paper | same top patch | mean stderr |")

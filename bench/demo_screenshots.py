@@ -38,8 +38,8 @@ def main() -> None:
     runs = runs_by_label_set(base)
     category, year = runs["category"], runs["year"]
     year_run = get_json(base, f"/runs/{year['id']}")
-    year_label = next(l for l in year_run["labels"] if l["name"] == args.year)
-    flags = next(l for l in get_json(base, f"/runs/{category['id']}")["labels"] if l["name"] == "Flags")
+    year_label = next(label for label in year_run["labels"] if label["name"] == args.year)
+    flags = next(label for label in get_json(base, f"/runs/{category['id']}")["labels"] if label["name"] == "Flags")
     top = (year_label.get("top") or {}).get("id")
     pages = {"demo-run": f"/runs/{category['id']}",
              "demo-flags": f"/runs/{category['id']}/labels/{flags['id']}",

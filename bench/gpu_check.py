@@ -79,11 +79,11 @@ def pixel_model(args, device):
 
 def sd_model(args, device):
     """An SD-1.5-shaped random denoiser (tiny widths with --quick); None if it cannot be built."""
+    import sd_tiny
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    import sd_tiny
     from worker.engine.stable_diffusion import SD_SCHEDULE, StableDiffusionDenoiser
 
     if args.quick:

@@ -65,8 +65,8 @@ def options(quick: bool):
 # --- part 1: Stable Diffusion, engine level ------------------------------------------------------
 def sd_part(args, device) -> dict:
     import torch
-
     from gpu_check import planted_blobs, sd_model
+
     from worker.engine.training import make_accelerator, train
     from worker.engine.typicality import typicality_stream
 

@@ -75,7 +75,7 @@ def main() -> None:
     index = {name: i for i, name in enumerate(labels)}
     train_rows = [im for im in manifest["images"] if im["split"] == "train" and args.label_set in im["labels"]]
     dataset = ImageDataset([args.data / im["path"] for im in train_rows],
-                           multi_hot([[index[l] for l in im["labels"][args.label_set]] for im in train_rows],
+                           multi_hot([[index[label] for label in im["labels"][args.label_set]] for im in train_rows],
                                      len(labels)), resolution=args.resolution, train=True)
     denoiser = create_pixel_denoiser(labels, resolution=args.resolution, seed=args.seed,
                                      size=args.size).to(args.device)

@@ -1,6 +1,5 @@
 """Alembic environment: migrations run against app.models' metadata."""
 from alembic import context
-from sqlalchemy import pool
 
 from app.db import engine_for
 from app.models import Base

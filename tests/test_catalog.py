@@ -4,8 +4,16 @@ from __future__ import annotations
 import pytest
 
 from app import catalog, params
-from app.params import (BACKEND_DEFAULTS, MineOptions, ParallelJob, RunParams, TrainConfig,
-                        TranslationOptions, ValidationError, job_params)
+from app.params import (
+    BACKEND_DEFAULTS,
+    MineOptions,
+    ParallelJob,
+    RunParams,
+    TrainConfig,
+    TranslationOptions,
+    ValidationError,
+    job_params,
+)
 
 
 def test_engine_presets_are_the_catalogs():

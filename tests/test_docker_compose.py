@@ -18,7 +18,7 @@ def test_services_run_real_commands_on_one_volume():
     assert set(services) == {"web", "worker"}
     assert services["web"]["command"] == ["diffmine", "serve"]
     assert services["worker"]["command"] == ["diffmine", "worker"]
-    for name, service in services.items():
+    for service in services.values():
         command = service["command"][1]
         assert command in COMMANDS
         build_parser().parse_args([command])  # the command line parses

@@ -17,7 +17,7 @@ def test_json_layout(mined_settings):
     data = json.loads(export(mined_settings, "--format", "json"))
     assert set(data) == {"run", "labels", "images"}
     assert data["run"]["id"] == 1 and data["run"]["preset"] == "fast"
-    assert [l["name"] for l in data["labels"]][:3] == ["Bear", "Bird", "Cat"]
+    assert [label["name"] for label in data["labels"]][:3] == ["Bear", "Bird", "Cat"]
     cluster = data["labels"][0]["clusters"][0]
     assert cluster["rank"] == 0 and isinstance(cluster["median_typicality"], float)
     member = cluster["members"][0]
@@ -31,7 +31,7 @@ def test_json_layout(mined_settings):
 def test_csv_has_one_row_per_member(mined_settings):
     rows = list(csv.DictReader(io.StringIO(export(mined_settings, "--format", "csv"))))
     data = json.loads(export(mined_settings, "--format", "json"))
-    assert len(rows) == sum(len(c["members"]) for l in data["labels"] for c in l["clusters"])
+    assert len(rows) == sum(len(c["members"]) for label in data["labels"] for c in label["clusters"])
     assert rows[0]["label"] == "Bear" and rows[0]["cluster_rank"] == "0"
 
 

@@ -125,8 +125,9 @@ def test_holdout_is_seeded_and_independent_of_file_order(settings, tmp_path):
 
 
 def test_rgba_images_are_composited_on_white(settings, tmp_path):
-    from PIL import Image as PILImage
     import io
+
+    from PIL import Image as PILImage
 
     files = label_files({"a": 3, "b": 3})
     clear = PILImage.new("RGBA", (16, 16), (0, 0, 0, 0))

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from app import vector_index
-from app.vector_index import (add_batches, build_index, create_index, default_nlist, index_kind,
-                                        load_index, save_index, search)
+from app.vector_index import (
+    add_batches,
+    build_index,
+    create_index,
+    default_nlist,
+    index_kind,
+    load_index,
+    save_index,
+    search,
+)
 
 DIM = 32
 

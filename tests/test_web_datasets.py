@@ -37,7 +37,7 @@ def test_json_twins(client):
     assert client.get("/index.json").json()["datasets"][0]["name"] == "moods"
     data = client.get("/datasets/1.json").json()
     assert data == client.get("/datasets/1", headers={"Accept": "application/json"}).json()
-    labels = {l["name"]: l["images"] for l in data["label_sets"][0]["labels"]}
+    labels = {label["name"]: label["images"] for label in data["label_sets"][0]["labels"]}
     assert labels == {"calm": 3, EVIL: 3}
 
 

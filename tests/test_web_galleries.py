@@ -21,7 +21,7 @@ def test_run_page_shows_every_label_with_its_top_cluster(client):
     data = client.get("/runs/1.json").json()
     assert data["status"] == "ready" and data["dataset"]["name"] == "animals"
     assert len(data["labels"]) == 10
-    assert all(l["top"] and l["top"]["members"] for l in data["labels"])
+    assert all(label["top"] and label["top"]["members"] for label in data["labels"])
     page = client.get("/runs/1")
     assert page.status_code == 200
     for label in data["labels"]:

@@ -92,7 +92,7 @@ def test_a_label_without_a_map_says_so(mined_settings, client):
 
 
 def not_own_label(data: dict) -> int:
-    own = {l["id"] for l in data["image"]["labels"]}
+    own = {label["id"] for label in data["image"]["labels"]}
     return next(s["label_id"] for s in data["scores"] if s["label_id"] not in own)
 
 
@@ -107,17 +107,17 @@ def stored_map(settings, image_id: int, label_id: int) -> np.ndarray:
 
 def typicality_map_under_every_label(settings, image_id: int) -> dict[int, np.ndarray]:
     """label id -> the image's typicality map, recomputed with run 1's model, preset and seed."""
+    from app.params import RunParams
     from worker.engine.data import load_views
     from worker.engine.registry import load_denoiser
     from worker.engine.typicality import label_scores
     from worker.handlers.evaluate import denoiser_resolution
-    from app.params import RunParams
     from worker.handlers.score import preset_for
 
     with session_scope(settings) as session:
         run = session.get(MiningRun, 1)
         model = session.get(TrainedModel, run.model_id)
-        label_ids = [l.id for l in labels_of(session, model.label_set_id)]
+        label_ids = [label.id for label in labels_of(session, model.label_set_id)]
         example = next(e for e in examples(session, settings, label_set_id=model.label_set_id)
                        if e.image_id == image_id)
         params, weights = RunParams.model_validate(run.params), settings.home_dir / model.weights_dir

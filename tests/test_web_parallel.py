@@ -19,7 +19,8 @@ def test_start_then_browse_a_parallel_dataset(mined_settings):
     assert 'href="/runs/1/parallel"' in client.get("/runs/1").text
     page = client.get("/runs/1/parallel")
     assert "No parallel dataset yet" in page.text
-    response = client.post("/runs/1/parallel", data={"images": "3", "csrf_token": form_token(client, "/runs/1/parallel")})
+    token = form_token(client, "/runs/1/parallel")
+    response = client.post("/runs/1/parallel", data={"images": "3", "csrf_token": token})
     assert response.status_code == 200 and response.url.path == "/runs/1/parallel"
     with session_scope(mined_settings) as session:
         queued = session.scalars(select(Job).where(Job.kind == "parallel")).one()

@@ -109,7 +109,7 @@ def test_a_server_folder_with_an_uploaded_manifest(settings, client, tmp_path):
     assert response.url.path == "/jobs/1"
     assert Worker(settings).run_one()
     data = client.get("/datasets/1.json").json()
-    assert {l["name"] for l in data["label_sets"][0]["labels"]} == {"1950s", "1960s"}
+    assert {label["name"] for label in data["label_sets"][0]["labels"]} == {"1950s", "1960s"}
     # A manifest needs its folder; a missing folder is named.
     alone = upload(client, manifest.encode(), filename="labels.csv", name="x")
     assert alone.status_code == 400 and "labels.csv" in alone.text
@@ -136,6 +136,6 @@ def test_the_label_column_option_picks_the_manifests_label_sets(client):
     assert upload(client, two_column_zip(), name="one", label_column="parity").status_code == 200
     label_sets = client.get("/datasets/1.json").json()["label_sets"]
     assert [s["name"] for s in label_sets] == ["parity"]
-    assert {l["name"] for l in label_sets[0]["labels"]} == {"odd", "even"}
+    assert {label["name"] for label in label_sets[0]["labels"]} == {"odd", "even"}
     assert upload(client, two_column_zip(50), name="two", label_column="letter, parity").status_code == 200
     assert [s["name"] for s in client.get("/datasets/2.json").json()["label_sets"]] == ["letter", "parity"]

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from app.db import session_scope
 from app.jobs import PRIORITY_INTERACTIVE, enqueue, request_cancel
 from app.models import Dataset, Image, Job
-from worker import queue
 from tests.conftest import label_files, write_zip
+from worker import queue
 
 
 def add_job(settings, kind="ingest", priority=0, **params):

@@ -2,8 +2,8 @@
 actors when DIFFMINE_RAY_ADDRESS is set. Either way the worker writes every result itself."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from worker.context import JobContext
 from worker.models import load_trained

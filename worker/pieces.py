@@ -8,8 +8,8 @@ the piece it is computing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from worker.context import JobContext
 

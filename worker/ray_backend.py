@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 

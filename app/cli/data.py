@@ -40,8 +40,8 @@ def print_ingested(result: dict) -> None:
 
 @command("datasets")
 def cmd_datasets(args, settings: Settings) -> dict:
-    from app.services.datasets import list_datasets
     from app.ingest import BUILTINS
+    from app.services.datasets import list_datasets
 
     datasets = list_datasets(settings)
     if not args.json:
@@ -50,7 +50,7 @@ def cmd_datasets(args, settings: Settings) -> dict:
         for ds in datasets:
             print(f"{ds['name']}: {ds['images']} images")
             for label_set in ds["label_sets"]:
-                labels = ", ".join(f"{l['name']} ({l['images']})" for l in label_set["labels"])
+                labels = ", ".join(f"{label['name']} ({label['images']})" for label in label_set["labels"])
                 print(f"  {label_set['name']} [{label_set['kind']}]: {labels}")
         print("Builtin datasets (diffmine ingest builtin:NAME): " + ", ".join(BUILTINS))
     return {"datasets": datasets, "builtin": BUILTINS}

@@ -12,8 +12,8 @@ import json
 import pickle
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from app.ingest.entries import Entry, LabelSetSpec
 from app.ingest.errors import IngestError

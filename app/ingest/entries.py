@@ -1,9 +1,9 @@
 """What every source yields: one image with its labels, read lazily."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass

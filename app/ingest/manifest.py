@@ -10,9 +10,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from app.ingest.entries import Entry, LabelSetSpec
 from app.ingest.errors import IngestError

@@ -7,10 +7,10 @@ import re
 import shutil
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from sqlalchemy import insert, select
 from sqlalchemy.engine import make_url
@@ -226,10 +226,10 @@ def _label_sets(kept: list[_Kept], specs: dict[str, LabelSetSpec],
 def label_order(labels: Iterable[str], spec: LabelSetSpec | None) -> list[str]:
     labels = list(labels)
     if spec and spec.order:
-        return [l for l in spec.order if l in labels] + sorted(set(labels) - set(spec.order))
-    if all(NUMBER_PREFIX.match(l) for l in labels):
-        return sorted(labels, key=lambda l: (float(NUMBER_PREFIX.match(l).group()), l))
-    return sorted(labels, key=lambda l: (l.casefold(), l))
+        return [label for label in spec.order if label in labels] + sorted(set(labels) - set(spec.order))
+    if all(NUMBER_PREFIX.match(entry) for entry in labels):
+        return sorted(labels, key=lambda label: (float(NUMBER_PREFIX.match(label).group()), label))
+    return sorted(labels, key=lambda label: (label.casefold(), label))
 
 
 def label_set_kind(set_name: str, kept: list[_Kept], spec: LabelSetSpec | None) -> str:
@@ -237,8 +237,8 @@ def label_set_kind(set_name: str, kept: list[_Kept], spec: LabelSetSpec | None) 
         return "multi"
     if spec:
         return spec.kind
-    labels = {l for item in kept for l in item.entry.labels.get(set_name, [])}
-    return "ordinal" if all(NUMBER_PREFIX.match(l) for l in labels) else "categorical"
+    labels = {label for item in kept for label in item.entry.labels.get(set_name, [])}
+    return "ordinal" if all(NUMBER_PREFIX.match(label) for label in labels) else "categorical"
 
 
 def _assign_holdout(kept: list[_Kept], primary_set: str, fraction: float, seed: int) -> None:

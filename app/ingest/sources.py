@@ -9,14 +9,14 @@ import os
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from app.ingest.entries import Entry, LabelSetSpec
 from app.ingest.errors import IngestError
-from app.ingest.paths import is_ignored, safe_relpath
 from app.ingest.manifest import ManifestOptions, entries_from_manifest, find_manifest
+from app.ingest.paths import is_ignored, safe_relpath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".csv", ".jsonl"}

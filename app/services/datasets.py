@@ -11,8 +11,8 @@ from app.settings import Settings
 
 def _label_set_json(label_set: LabelSet) -> dict:
     return {"id": label_set.id, "name": label_set.name, "kind": label_set.kind,
-            "labels": [{"id": l.id, "name": l.name, "images": l.image_count}
-                       for l in label_set.labels]}
+            "labels": [{"id": label.id, "name": label.name, "images": label.image_count}
+                       for label in label_set.labels]}
 
 
 def dataset_json(dataset: Dataset) -> dict:

@@ -18,14 +18,14 @@ import base64
 import csv
 import html
 import json
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 from sqlalchemy import select
 
 from app.db import session_scope
 from app.ingest import TWEMOJI_CREDIT
-from app.models import (Cluster, ClusterMember, Dataset, Image, ImageScore, MiningRun, Patch,
-                        TrainedModel)
+from app.models import Cluster, ClusterMember, Dataset, Image, ImageScore, MiningRun, Patch, TrainedModel
 from app.services.runs import labels_of
 from app.settings import Settings
 
@@ -105,7 +105,7 @@ def image_scores(settings: Settings, run_id: int, label_names: dict[int, str]) -
 
 def _labels(settings: Settings, label_set_id: int) -> list[tuple[int, str]]:
     with session_scope(settings) as session:
-        return [(l.id, l.name) for l in labels_of(session, label_set_id)]
+        return [(label.id, label.name) for label in labels_of(session, label_set_id)]
 
 
 def write_json(settings: Settings, run_id: int, out: IO[str]) -> None:

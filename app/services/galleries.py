@@ -9,8 +9,7 @@ from __future__ import annotations
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from app.models import (Cluster, ClusterMember, Dataset, ImageScore, Job, Label, LabelSet,
-                        MiningRun, Patch, TrainedModel)
+from app.models import Cluster, ClusterMember, Dataset, ImageScore, Job, Label, LabelSet, MiningRun, Patch, TrainedModel
 
 CLUSTERS_PER_PAGE = 5
 MEMBERS_INLINE = 10
@@ -157,8 +156,8 @@ def cluster_profile(session: Session, *, cluster: dict, labels: list[dict]) -> d
     is read from the run's all-label scores."""
     if cluster.get("trend"):
         trend = cluster["trend"]
-        points = [{"label": l["name"], "label_id": l["id"], "value": trend.get(l["name"])}
-                  for l in labels if l["name"] in trend]
+        points = [{"label": entry["name"], "label_id": entry["id"], "value": trend.get(entry["name"])}
+                  for entry in labels if entry["name"] in trend]
         return {"source": "trend", "points": points}
     first = (select(ClusterMember.patch_id).where(ClusterMember.cluster_id == cluster["id"],
                                                   ClusterMember.position < PROFILE_MEMBERS)
@@ -168,8 +167,8 @@ def cluster_profile(session: Session, *, cluster: dict, labels: list[dict]) -> d
         select(ImageScore.label_id, func.avg(ImageScore.typicality))
         .where(ImageScore.run_id == cluster["run"], ImageScore.image_id.in_(images))
         .group_by(ImageScore.label_id)).all())
-    points = [{"label": l["name"], "label_id": l["id"], "value": values.get(l["id"])}
-              for l in labels if l["id"] in values]
+    points = [{"label": entry["name"], "label_id": entry["id"], "value": values.get(entry["id"])}
+              for entry in labels if entry["id"] in values]
     return {"source": "image scores", "points": points}
 
 
@@ -177,8 +176,8 @@ def run_label_overview(session: Session, *, run_id: int, labels: list[dict], off
                        limit: int = LABELS_PER_PAGE, members: int = 8) -> dict:
     """A page of labels, each with its top (non-artifact) cluster's first members."""
     page = labels[offset:offset + limit]
-    ids = [l["id"] for l in page]
-    out = {l["id"]: dict(l, top=None, clusters=0) for l in page}
+    ids = [label["id"] for label in page]
+    out = {label["id"]: dict(label, top=None, clusters=0) for label in page}
     if ids:
         counts = session.execute(
             select(Cluster.label_id, func.count(), func.min(Cluster.rank))

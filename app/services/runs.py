@@ -9,8 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.jobs import enqueue
-from app.models import (Cluster, Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun,
-                        TrainedModel)
+from app.models import Cluster, Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun, TrainedModel
 from app.params import MineOptions, RunParams, TrainConfig
 from app.settings import Settings
 

@@ -3,7 +3,8 @@ templates with their filters, and `render`: a page or its JSON twin."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Iterator
+from collections.abc import Iterator
+from typing import Annotated
 from urllib.parse import quote
 
 import jinja2

@@ -3,9 +3,9 @@ held in memory), stopped as soon as it passes the size limit; text fields kept s
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request

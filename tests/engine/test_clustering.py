@@ -6,8 +6,17 @@ import warnings
 import numpy as np
 import pytest
 
-from worker.engine.clustering import (cluster_features, coherence, distances_to_centroids, exclude_lookalikes,
-                                      merge_near_duplicates, order_clusters, peak_labels, trend, trend_direction)
+from worker.engine.clustering import (
+    cluster_features,
+    coherence,
+    distances_to_centroids,
+    exclude_lookalikes,
+    merge_near_duplicates,
+    order_clusters,
+    peak_labels,
+    trend,
+    trend_direction,
+)
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

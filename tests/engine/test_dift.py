@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine.dift import (crop_features, dift_feature_map, dift_timestep, patch_features,
-                                patch_features_per_patch)
+from worker.engine.dift import crop_features, dift_feature_map, dift_timestep, patch_features, patch_features_per_patch
 from worker.engine.patches import patch_scores, top_boxes
 from worker.engine.registry import create_pixel_denoiser
 

@@ -10,9 +10,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from worker.engine import data
-from worker.engine.patches import (Box, box_to_model, box_to_original, default_patch_size, least_per_label,
-                                   least_typical_boxes, patch_scores, random_boxes, random_per_label, score_boxes,
-                                   top_boxes, top_per_label)
+from worker.engine.patches import (
+    Box,
+    box_to_model,
+    box_to_original,
+    default_patch_size,
+    least_per_label,
+    least_typical_boxes,
+    patch_scores,
+    random_boxes,
+    random_per_label,
+    score_boxes,
+    top_boxes,
+    top_per_label,
+)
 
 
 def naive_scores(diff_map: torch.Tensor, size: int, k: int) -> torch.Tensor:
@@ -170,10 +181,10 @@ def test_top_per_label_streams_the_k_best_of_each_label():
     result = top_per_label(candidates(500, 0), k=7)
     everything = list(candidates(500, 0))
     for label in "ab":
-        expected = sorted(((s, i) for l, s, i in everything if l == label), reverse=True)[:7]
+        expected = sorted(((s, i) for entry, s, i in everything if entry == label), reverse=True)[:7]
         assert result[label] == expected
     least = least_per_label(candidates(500, 0), k=3)
-    assert least["a"] == sorted((s, i) for l, s, i in everything if l == "a")[:3]
+    assert least["a"] == sorted((s, i) for label, s, i in everything if label == "a")[:3]
 
 
 def test_top_per_label_keeps_earlier_candidates_on_ties_and_rejects_nan():
@@ -186,7 +197,7 @@ def test_random_per_label_is_a_seeded_sample():
     first = random_per_label(candidates(300, 1), k=10, seed=3)
     assert first == random_per_label(candidates(300, 1), k=10, seed=3)
     assert first != random_per_label(candidates(300, 1), k=10, seed=4)
-    everything = {i: (l, s) for l, s, i in candidates(300, 1)}
+    everything = {i: (label, s) for label, s, i in candidates(300, 1)}
     for label, kept in first.items():
         assert len(kept) == 10 and len({i for _, i in kept}) == 10
         assert all(everything[i] == (label, s) for s, i in kept)  # true scores carried through

@@ -3,11 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import LABELS
 
 from worker.engine.pixel import PixelDenoiser, unet_config
 from worker.engine.registry import create_pixel_denoiser, load_denoiser
-
-from conftest import LABELS
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
@@ -81,7 +80,8 @@ def test_registry_rejects_unknown_backends_and_non_model_folders(tmp_path):
 def test_capture_hooks_the_second_up_block(tiny_denoiser, images):
     with torch.no_grad(), tiny_denoiser.capture("up_blocks.1") as features:
         tiny_denoiser.predict_noise(images, torch.tensor([161] * 3), tiny_denoiser.condition([0, 1, 0]))
-    assert len(features) == 1 and features[0].shape[0] == 3 and features[0].shape[-1] == 32  # up_blocks[1] ends with an upsampler
+    # up_blocks[1] ends with an upsampler
+    assert len(features) == 1 and features[0].shape[0] == 3 and features[0].shape[-1] == 32
 
 
 def test_64px_model_has_one_more_level_and_bad_sizes_fail():

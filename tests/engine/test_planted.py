@@ -1,13 +1,12 @@
 """End to end on a planted signal: train briefly, then typicality must point at the planted mark."""
 import pytest
 import torch
+from conftest import LABELS, planted_dataset
 
 from worker.engine.presets import FAST
 from worker.engine.registry import create_pixel_denoiser
 from worker.engine.training import train
 from worker.engine.typicality import label_scores, typicality
-
-from conftest import LABELS, planted_dataset
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,22 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from worker.engine.stable_diffusion import (  # noqa: E402
-    LORA_FOLDER, LORA_WEIGHT_NAME, PromptTemplates, StableDiffusionDenoiser, build_prompt,
+    LORA_FOLDER,
+    LORA_WEIGHT_NAME,
+    PromptTemplates,
+    StableDiffusionDenoiser,
+    build_prompt,
 )
 
 try:  # tests/engine on sys.path (rootdir-relative import) or the repo root (package import)
     from sd_tiny import TINY_IMAGE_SIZE, build_tiny_sd_folder, build_tiny_text_encoder_folder, write_tiny_tokenizer
 except ImportError:  # pragma: no cover
-    from tests.engine.sd_tiny import (TINY_IMAGE_SIZE, build_tiny_sd_folder, build_tiny_text_encoder_folder,
-                                      write_tiny_tokenizer)
+    from tests.engine.sd_tiny import (
+        TINY_IMAGE_SIZE,
+        build_tiny_sd_folder,
+        build_tiny_text_encoder_folder,
+        write_tiny_tokenizer,
+    )
 
 LABELS = ["cat", "dog", "car"]
 S = TINY_IMAGE_SIZE  # 64 px images -> 8 x 8 latents

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LABELS
 from PIL import Image
 
 from worker.engine.data import ImageDataset, multi_hot
 from worker.engine.registry import create_pixel_denoiser
 from worker.engine.training import batch_indices, train
-
-from conftest import LABELS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LABELS, planted_dataset
 
 from worker.engine.denoiser import ConditionalDenoiser
 from worker.engine.presets import FAST as TYPICALITY_FAST
 from worker.engine.registry import create_pixel_denoiser
 from worker.engine.training import train
-from worker.engine.translation import (FAST, REFERENCE, ddim_invert, ddim_sample, ddim_timesteps,
-                                       get_preset, translate, translate_batch)
+from worker.engine.translation import (
+    FAST,
+    REFERENCE,
+    ddim_invert,
+    ddim_sample,
+    ddim_timesteps,
+    get_preset,
+    translate,
+    translate_batch,
+)
 from worker.engine.typicality import typicality
-
-from conftest import LABELS, planted_dataset
 
 MARKED, PLAIN = 0, 1
 #: stated fidelity: RMSE of inversion + regeneration under the same label, pixels in [0, 1]

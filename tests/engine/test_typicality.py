@@ -1,4 +1,5 @@
 """Typicality: the paper preset against the formula written out, batching, seeds, fast options."""
+import dataclasses
 import math
 
 import pytest
@@ -6,8 +7,14 @@ import torch
 
 from worker.engine.presets import FAST, PAPER, TypicalityPreset, get_preset
 from worker.engine.timesteps import fit_timestep_weights
-from worker.engine.typicality import (draw_timesteps_and_noise, label_scores, label_scores_stream,
-                                      standard_error, typicality, typicality_stream)
+from worker.engine.typicality import (
+    draw_timesteps_and_noise,
+    label_scores,
+    label_scores_stream,
+    standard_error,
+    typicality,
+    typicality_stream,
+)
 
 
 def formula_by_hand(denoiser, image, condition, seed, draws=100, t_min=100, t_max=700):
@@ -136,7 +143,7 @@ def test_label_scores_stream_accepts_dataset_batches(tiny_denoiser, images):
 
 def test_presets_are_frozen_and_validated():
     assert get_preset("paper") is PAPER and PAPER.draws == 100 and (PAPER.t_min, PAPER.t_max) == (100, 700)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         PAPER.draws = 5
     with pytest.raises(ValueError):
         TypicalityPreset(name="odd", draws=9, timesteps="stratified")

@@ -21,9 +21,9 @@ deterministic: the same inputs give the same clusters in the same order.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import faiss
 import numpy as np

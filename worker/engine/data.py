@@ -12,8 +12,8 @@ which is what makes a resumed run identical to an uninterrupted one.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -12,9 +12,9 @@ Diffusion); every loss and typicality map lives in that space.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -67,7 +67,7 @@ class ConditionalDenoiser(torch.nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "ConditionalDenoiser":
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> ConditionalDenoiser:
         """Load what `save` wrote."""
 
     @contextmanager

@@ -18,7 +18,7 @@ generator re-seeded per image, so an image's features do not depend on its batch
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -31,7 +31,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from typing import Any, Hashable, Iterable, NamedTuple, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch

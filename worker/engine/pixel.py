@@ -102,7 +102,7 @@ class PixelDenoiser(ConditionalDenoiser):
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def create(cls, labels: list[str], resolution: int = 32, size: str = "small",
-               seed: int = 0) -> "PixelDenoiser":
+               seed: int = 0) -> PixelDenoiser:
         """A freshly initialised model; the same seed gives the same weights."""
         with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
             torch.manual_seed(seed)
@@ -163,7 +163,7 @@ class PixelDenoiser(ConditionalDenoiser):
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "PixelDenoiser":
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> PixelDenoiser:
         folder = Path(folder)
         config = json.loads((folder / CONFIG_NAME).read_text())
         if config.get("backend") != cls.backend:

@@ -22,9 +22,9 @@ selection injects ResNet features alone there.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -111,7 +111,7 @@ class PlugAndPlay:
         self.inject_resnet = self.inject_attention = False
 
     @contextmanager
-    def injecting(self) -> Iterator["PlugAndPlay"]:
+    def injecting(self) -> Iterator[PlugAndPlay]:
         if self._handles:
             raise RuntimeError("PlugAndPlay hooks are already installed")
         try:

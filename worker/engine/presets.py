@@ -71,7 +71,7 @@ class TypicalityPreset:
         """Draws per round."""
         return self.round_size or self.draws
 
-    def with_(self, **changes) -> "TypicalityPreset":
+    def with_(self, **changes) -> TypicalityPreset:
         """A modified copy, e.g. `PAPER.with_(forward_batch=256)`; renamed unless `name` is given."""
         changes.setdefault("name", f"{self.name}+" + ",".join(f"{k}={v}" for k, v in changes.items()))
         return replace(self, **changes)

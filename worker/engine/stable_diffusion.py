@@ -35,9 +35,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -288,7 +288,7 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
                         label_join: str = ", ", lora_alpha: float | None = None,
                         lora_target_modules: Iterable[str] = DEFAULT_LORA_TARGETS,
                         frozen_dtype: torch.dtype | None = None, variant: str | None = None,
-                        ) -> "StableDiffusionDenoiser":
+                        ) -> StableDiffusionDenoiser:
         """A denoiser from a diffusers SD 1.x/2.x folder (or hub id where the hub is reachable).
 
         `labels`: label names in condition-index order. `lora_rank`: None = full UNet fine-tune, else
@@ -578,7 +578,7 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              frozen_dtype: torch.dtype | None = None, base_model: str | os.PathLike | None = None,
-             ) -> "StableDiffusionDenoiser":
+             ) -> StableDiffusionDenoiser:
         """Load what `save` wrote, in eval mode. For a LoRA folder the base UNet comes from
         `base_model` if given, else from the folder's unet/ if saved with include_base_unet, else from
         diffmine.json's "base_model" (an explicit error when none is available)."""

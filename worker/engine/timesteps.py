@@ -13,7 +13,7 @@ All three estimate the same expectation over t uniform on the integers of [t_min
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -33,9 +33,9 @@ both, click to result, with their reconstruction error (bench/bench_translation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -141,7 +141,7 @@ def ddim_invert(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition:
 
 def ddim_sample(denoiser: ConditionalDenoiser, noise: torch.Tensor, conditions: torch.Tensor, steps: int,
                 guidance: float, null: torch.Tensor | None = None, *, start: int = 0,
-                source: "SourceBranch | None" = None, progress: ProgressCallback | None = None) -> torch.Tensor:
+                source: SourceBranch | None = None, progress: ProgressCallback | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling with classifier-free guidance: noise [B or 1, ...] -> latents [B, ...].
 
     `conditions` [B, n_labels] (a row per output; `noise` of batch 1 is shared by all), `null`

@@ -24,9 +24,9 @@ i.i.d. formula would overstate their error. Timestep schemes: worker/engine/time
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -97,8 +97,8 @@ def standard_error(differences: torch.Tensor, timesteps: str = "uniform",
     n = differences.shape[-1]
     if timesteps == "uniform":
         return differences.std(dim=-1) / math.sqrt(n)
-    # Stratified (plain or importance-weighted), one draw per stratum: pair strata (0,1), (2,3), ... within each round and use
-    # (d_a - d_b)^2 as the estimate of var_a + var_b.
+    # Stratified (plain or importance-weighted), one draw per stratum: pair strata (0,1), (2,3), ...
+    # within each round and use (d_a - d_b)^2 as the estimate of var_a + var_b.
     size = round_size or n
     if n % size or size % 2:
         raise ValueError(f"{n} stratified draws do not split into even rounds of {size}")

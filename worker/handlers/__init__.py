@@ -3,8 +3,8 @@
 ingests never loads torch."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
-from typing import Callable
 
 from app.catalog import JOB_HANDLERS
 

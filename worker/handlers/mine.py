@@ -338,8 +338,14 @@ def column_mean(matrix: np.ndarray, chunk: int = 65536) -> np.ndarray:
 
 def cluster_label(info: RunInfo, label_id: int, rows, features, run_mean: np.ndarray,
                   artifacts: np.ndarray) -> list[tuple[Cluster, list[dict]]]:
-    from worker.engine.clustering import (cluster_features, coherence, distances_to_centroids,
-                                          exclude_lookalikes, merge_near_duplicates, order_clusters)
+    from worker.engine.clustering import (
+        cluster_features,
+        coherence,
+        distances_to_centroids,
+        exclude_lookalikes,
+        merge_near_duplicates,
+        order_clusters,
+    )
 
     patch_ids = np.array([r[0] for r in rows])
     label_features = np.asarray(features[[r[1] for r in rows]])

@@ -41,8 +41,8 @@ from app.params import ParallelJob, ParallelMine
 from app.services.runs import examples, labels_of
 from app.services.translations import translation_key
 from worker.context import JobContext
-from worker.models import load_trained
 from worker.handlers.translate import crop_box, save_png
+from worker.models import load_trained
 
 CHUNK_IMAGES = 4
 MAX_MEMBERS_SHOWN = 16
@@ -257,7 +257,8 @@ def cluster_and_write(context, folder: Path, relative: str, run_id: int, labels,
             clusters.append({"rank": rank, "size": len(cluster.members),
                              "median_cotypicality": cluster.median_typicality, "members": members})
     summary = {"run": run_id, "labels": [{"id": i, "name": n} for i, n in labels],
-               "images": [e["image_id"] for e in sample], "params": job.model_dump(exclude_defaults=True), "resolution": resolution,
+               "images": [e["image_id"] for e in sample], "params": job.model_dump(exclude_defaults=True),
+               "resolution": resolution,
                "options": options,
                "reconstruction_error": {"mean": float(np.mean(errors)) if errors else None,
                                         "max": float(np.max(errors)) if errors else None},

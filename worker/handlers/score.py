@@ -25,10 +25,9 @@ from app.params import RunParams
 from app.services.runs import Example, examples, load_run
 from app.settings import Settings
 from worker.context import JobContext
-from worker.handlers.evaluate import denoiser_resolution
 from worker.executors import executor
+from worker.handlers.evaluate import denoiser_resolution
 from worker.pieces import run_pieces
-
 
 
 @dataclass

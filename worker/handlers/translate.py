@@ -39,6 +39,7 @@ from app.services.runs import labels_of
 from worker.context import JobContext, JobPreempted
 from worker.models import load_trained
 
+
 def run_translate(context: JobContext) -> dict:
     settings, translation_id = context.settings, context.job.translation_id
     with session_scope(settings) as session:

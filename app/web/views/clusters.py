@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request
 
+from app.services.galleries import MEMBERS_PER_PAGE, cluster_info, cluster_members, cluster_profile, labels_of_set
 from app.services.runs import NotFound
 from app.services.runs import mark_artifact as mark_artifact_of
-from app.services.galleries import (MEMBERS_PER_PAGE, cluster_info, cluster_members,
-                                    cluster_profile, labels_of_set)
-from app.services.translations import (CLUSTER_MEMBERS, cluster_translations,
-                                       request_cluster_translations)
-from app.web.page_cache import touch
+from app.services.translations import CLUSTER_MEMBERS, cluster_translations, request_cluster_translations
 from app.web.deps import CSRF, SessionDep, is_htmx, redirect, render
+from app.web.page_cache import touch
 from app.web.views.runs import credit_for, load_run
 
 router = APIRouter(tags=["clusters"])
@@ -50,7 +48,7 @@ async def mark_artifact(request: Request, cluster_id: int, session: SessionDep):
         cluster = mark_artifact_of(session, cluster_id=cluster_id,
                                    artifact=str(form.get("artifact", "1")) not in ("0", "false", ""))
     except NotFound:
-        raise HTTPException(404, f"There is no cluster {cluster_id}.")
+        raise HTTPException(404, f"There is no cluster {cluster_id}.") from None
     session.commit()
     touch(request.app.state.settings.runs_dir, cluster.run_id)  # cached gallery pages are stale
     data = load_cluster(session, cluster_id)

@@ -113,8 +113,9 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
         data = dataset_page_data(request, session, _dataset_or_404(session, dataset_id))
         data["error"] = message
         credit = TWEMOJI_CREDIT if dataset.source == "builtin:twemoji" else None
+        given = {k: v for k, v in values.items() if v is not None}
         return render(request, "dataset.html", {"data": data, "credit": credit, "error": message,
-                                                "form": dict(RUN_DEFAULTS, **{k: v for k, v in values.items() if v is not None}),
+                                                "form": dict(RUN_DEFAULTS, **given),
                                                 **RUN_CHOICES}, status_code=400)
     return redirect(request, f"/jobs/{job.id}", data={"job": job.id, "run": mining_run.id})
 

@@ -7,9 +7,16 @@ from fastapi.responses import FileResponse
 
 from app.ingest import TWEMOJI_CREDIT
 from app.models import Dataset
-from app.services.images import (heatmap_file, image_info, image_patches, image_scores, map_region,
-                                 runs_for_dataset, stored_file)
 from app.services.galleries import run_info
+from app.services.images import (
+    heatmap_file,
+    image_info,
+    image_patches,
+    image_scores,
+    map_region,
+    runs_for_dataset,
+    stored_file,
+)
 from app.web.deps import SessionDep, SettingsDep, render
 
 router = APIRouter(tags=["images"])
@@ -39,7 +46,7 @@ def image_page(request: Request, image_id: int, session: SessionDep, run: int | 
         data.update(image_scores(session, run_id=run, image_id=image_id))
         data["patches"] = image_patches(session, run_id=run, image_id=image_id)
         with_maps = [s for s in data["scores"] if s["has_map"]]
-        own = {l["id"] for l in image["labels"]}
+        own = {label["id"] for label in image["labels"]}
         if label is None and with_maps:
             label = next((s["label_id"] for s in with_maps if s["label_id"] in own),
                          with_maps[0]["label_id"])

@@ -36,7 +36,7 @@ async def start_parallel(request: Request, run_id: int, session: SessionDep):
             raise ValueError(f"the sample must have 1 to 100000 images, got {images}")
         job = launch_parallel(session, run_id=run_id, images=images)
     except ValueError as error:
-        raise HTTPException(400, str(error))
+        raise HTTPException(400, str(error)) from error
     session.commit()
     return redirect(request, f"/runs/{run_id}/parallel", data={"job": job.id})
 

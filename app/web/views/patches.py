@@ -10,8 +10,7 @@ from app.models import Image, MiningRun, Translation
 from app.services.images import image_info
 from app.services.patches import SIMILAR_K, crop_file, patch_info, similar_patches
 from app.services.runs import NotFound
-from app.services.translations import (jobs_for, request_translation, translation_json,
-                                       translation_key)
+from app.services.translations import jobs_for, request_translation, translation_json, translation_key
 from app.web.deps import CSRF, SessionDep, SettingsDep, is_htmx, redirect, render
 from app.web.views.images import CACHE_FOREVER
 from app.web.views.runs import credit_for, load_run

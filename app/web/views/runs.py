@@ -3,18 +3,24 @@ they scroll into view; labels switch without a full reload), and two labels side
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request
-
-from app.db import session_scope
-from app.ingest import TWEMOJI_CREDIT
-from app.services.galleries import (CLUSTERS_PER_PAGE, MEMBERS_INLINE, active_run_jobs,
-                                    clusters_page, label_in_set, labels_of_set, run_info,
-                                    run_label_overview)
 from fastapi.responses import HTMLResponse, JSONResponse
 from markupsafe import Markup
 
+from app.db import session_scope
+from app.ingest import TWEMOJI_CREDIT
+from app.services.galleries import (
+    CLUSTERS_PER_PAGE,
+    MEMBERS_INLINE,
+    active_run_jobs,
+    clusters_page,
+    label_in_set,
+    labels_of_set,
+    run_info,
+    run_label_overview,
+)
 from app.services.runs import launch_recluster
-from app.web.page_cache import run_version, touch
 from app.web.deps import CSRF, SessionDep, SettingsDep, is_htmx, redirect, render, templates, wants_json
+from app.web.page_cache import run_version, touch
 
 router = APIRouter(tags=["galleries"])
 
@@ -56,7 +62,7 @@ def recluster(request: Request, run_id: int, session: SessionDep, settings: Sett
     try:
         job = launch_recluster(session, run_id=run_id)
     except ValueError as error:
-        raise HTTPException(409, str(error))
+        raise HTTPException(409, str(error)) from error
     session.commit()
     touch(settings.runs_dir, run_id)  # cached gallery pages are stale
     return redirect(request, f"/runs/{run_id}", data={"job": job.id})

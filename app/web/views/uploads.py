@@ -19,9 +19,9 @@ from app.jobs import enqueue
 from app.services.datasets import dataset_id_by_name
 from app.services.uploads import set_dataset_source
 from app.web.deps import SettingsDep, is_htmx, redirect, render, templates, wants_json
+from app.web.forms import form_defaults, upload_limits
 from app.web.security import CSRF_FIELD, CSRF_HEADER, csrf_ok
 from app.web.upload_stream import StreamedForm, UploadError, stream_form
-from app.web.forms import form_defaults, upload_limits
 
 router = APIRouter(tags=["upload"])
 
