@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app import catalog
 
-
 Preset = Literal["paper", "fast"]
 Backend = Literal["pixel", "stable-diffusion"]
 Precision = Literal["fp32", "fp16", "bf16"]
