@@ -344,6 +344,7 @@ def product_scorer():
     product has no option for (forward batch, channels_last). If the handler cannot be imported
     (a package missing on the machine), the same steps through the engine, marked as such."""
     try:
+        from app.params import RunParams
         from app.services.runs import Example
         from worker.handlers import score
     except ImportError as error:
@@ -359,7 +360,8 @@ def product_scorer():
 
         score.preset_for = preset_for
         try:
-            return score.compute_shard(denoiser, [Example(**e) for e in shard], label_ids, params)
+            return score.compute_shard(denoiser, [Example(**e) for e in shard], label_ids,
+                                       RunParams.model_validate(params))
         finally:
             score.preset_for = original
 
@@ -565,7 +567,7 @@ class Children:
             lines = [json.loads(line) for line in Path(spec["results"]).read_text().splitlines() if line.strip()]
         tail = log_path.read_text(errors="replace")[-1500:]
         return {"status": status, "seconds": time.perf_counter() - began, "lines": lines,
-                "log_tail": tail if status != "ok" or any(l.get("status") != "ok" for l in lines) else ""}
+                "log_tail": tail if status != "ok" or any(line_.get("status") != "ok" for line_ in lines) else ""}
 
 
 # --- printing -----------------------------------------------------------------------------------
@@ -778,7 +780,7 @@ def measure(args, workdir: Path) -> int:
                             "nearly all the FLOPs, run in TF32 when cudnn_allow_tf32 is on)")
         set_layout(model, channels_last)
         try:
-            for attempt in (1, 2):  # an out-of-memory error is retried once with the allocator's cache emptied
+            for _attempt in (1, 2):  # an out-of-memory error is retried once with the allocator's cache emptied
                 try:
                     with flags_for(setting, startup):
                         row.update(status="ok", **time_forward(model, batch, setting["precision"], channels_last,
@@ -816,7 +818,8 @@ def measure(args, workdir: Path) -> int:
                                          f"{row['tflops']:.2f} TFLOP/s" if row["status"] == "ok" else row["status"]))
                     if row["status"] == "oom":
                         for larger in [b for b in these if b > batch]:
-                            skip(phase, f"{model_name} {precision} {channels_last} {larger}", "a smaller batch ran out of memory")
+                            skip(phase, f"{model_name} {precision} {channels_last} {larger}",
+                                 "a smaller batch ran out of memory")
                         break
         free_memory(device)
         save()
@@ -888,9 +891,9 @@ def measure(args, workdir: Path) -> int:
         spec = {"examples": examples, "seed": seed, "draws": draws, "shard_size": shard,
                 "arrays": str(workdir / f"e2e-{len(e2e_rows)}.npz")}
         child = children.run(demo, setting, limit, e2e=spec)
-        line = next((l for l in child["lines"] if l.get("kind") == "e2e"), None)
+        line = next((line_ for line_ in child["lines"] if line_.get("kind") == "e2e"), None)
         if line is None:
-            error = next((l["error"] for l in child["lines"] if l.get("kind") == "error"), child["status"])
+            error = next((line_["error"] for line_ in child["lines"] if line_.get("kind") == "error"), child["status"])
             row = record_e2e(name, setting, seed, None, f"child {child['status']}: {error}")
             row["log_tail"] = child["log_tail"]
             return
@@ -942,7 +945,7 @@ def measure(args, workdir: Path) -> int:
             return
         log(f"  compiling {item} (limit {limit:.0f} s)")
         child = children.run(model_name, setting, limit, batches=child_batches)
-        got = [l for l in child["lines"] if l.get("kind") == "grid"]
+        got = [line_ for line_ in child["lines"] if line_.get("kind") == "grid"]
         for line in got:
             row = {"model": model_name, "precision": setting["precision"], "channels_last": setting["channels_last"],
                    "compile": setting["compile"], "cudnn_benchmark": bool(setting.get("cudnn_benchmark")),
@@ -956,8 +959,8 @@ def measure(args, workdir: Path) -> int:
                                                  f"compile+warm-up {row['first_call_s']:.0f} s, graph breaks "
                                                  f"{row.get('graph_breaks')}" if row["status"] == "ok"
                                                  else row["status"] + " " + row.get("error", "")))
-        for missing in [b for b in child_batches if b not in [l["batch"] for l in got]]:
-            error = next((l["error"] for l in child["lines"] if l.get("kind") == "error"), "")
+        for missing in [b for b in child_batches if b not in [line_["batch"] for line_ in got]]:
+            error = next((line_["error"] for line_ in child["lines"] if line_.get("kind") == "error"), "")
             row = {"model": model_name, "batch": missing, "precision": setting["precision"],
                    "channels_last": setting["channels_last"], "compile": setting["compile"], "phase": phase,
                    "status": f"not measured: child {child['status']}", "error": error[:300],
