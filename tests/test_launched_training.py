@@ -5,17 +5,17 @@ launch is a clear job error."""
 from __future__ import annotations
 
 import json
-import time
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from app.cli import main as diffmine
 from app.db import session_scope
-from app.models import Job, TrainedModel
+from app.models import TrainedModel
 from app.settings import Settings
+from tests.cli_helpers import diffmine_in_process
+from tests.helpers import job_row, wait_until
 from tests.small_data import animal_folder
 from worker.engine.training import latest_checkpoint
 
@@ -33,14 +33,8 @@ def source(tmp_path_factory):
 @pytest.fixture
 def home(source, tmp_path, capsys):
     home = tmp_path / "home"
-    run_cli(capsys, "ingest", str(source), "--name", "a", "--min-per-label", "4", home=home)
+    diffmine_in_process(capsys, "ingest", str(source), "--name", "a", "--min-per-label", "4", home=home)
     return home
-
-
-def run_cli(capsys, *argv, home, expect=0) -> dict:
-    capsys.readouterr()
-    assert diffmine([*argv, "--home", str(home), "--json"]) == expect, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out) if expect == 0 else {}
 
 
 def weights(home, model_id: int) -> dict[str, torch.Tensor]:
@@ -48,13 +42,6 @@ def weights(home, model_id: int) -> dict[str, torch.Tensor]:
     return {f"{path.relative_to(folder)}:{name}": tensor
             for path in sorted(folder.rglob("*.safetensors"))
             for name, tensor in load_file(path).items()}
-
-
-def job(home, job_id: int) -> Job:
-    with session_scope(Settings(home=home)) as session:
-        row = session.get(Job, job_id)
-        session.expunge(row)
-        return row
 
 
 def launched_processes(spec) -> list[psutil.Process]:
@@ -65,23 +52,14 @@ def launched_processes(spec) -> list[psutil.Process]:
     return found
 
 
-def wait_for(condition, timeout=120, what="the condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def test_two_launched_processes_train_the_weights_of_one_in_process_run(home, capsys):
-    here = run_cli(capsys, "train", "a", *TRAIN, "--steps", "6", home=home)
-    launched = run_cli(capsys, "train", "a", *TRAIN, "--steps", "6", "--processes", "2", home=home)
+    here = diffmine_in_process(capsys, "train", "a", *TRAIN, "--steps", "6", home=home)
+    launched = diffmine_in_process(capsys, "train", "a", *TRAIN, "--steps", "6", "--processes", "2", home=home)
     log = (home / "models/2/launch/launch.log").read_text()
     assert "process 1 of 2 (DistributedType.MULTI_CPU)" in log  # really two processes
     assert launched["steps"] == here["steps"] == 6
     assert launched["final_loss"] == pytest.approx(here["final_loss"], abs=1e-6)
-    initial = run_cli(capsys, "train", "a", *TRAIN, "--steps", "1", "--lr", "0", home=home)
+    initial = diffmine_in_process(capsys, "train", "a", *TRAIN, "--steps", "1", "--lr", "0", home=home)
     moved = 0.0
     for name, expected in weights(home, 1).items():
         torch.testing.assert_close(weights(home, 2)[name], expected, atol=ATOL, rtol=0, msg=name)
@@ -93,18 +71,18 @@ def test_two_launched_processes_train_the_weights_of_one_in_process_run(home, ca
 
 
 def test_the_worker_follows_a_launch_and_a_cancel_stops_it(home, capsys, start_worker):
-    run_cli(capsys, "train", "a", *TRAIN, "--steps", "100000", "--checkpoint-every", "2",
-            "--processes", "2", "--queue", home=home)
+    diffmine_in_process(capsys, "train", "a", *TRAIN, "--steps", "100000", "--checkpoint-every", "2",
+                        "--processes", "2", "--queue", home=home)
     start_worker(home, "--lease", "2", "--poll", "0.1")
-    running = wait_for(lambda: (row := job(home, 1)).stage == "train" and row.progress_done >= 3
-                       and row, what="the launch's progress in the job")
+    running = wait_until(lambda: (row := job_row(home, 1)).stage == "train" and row.progress_done >= 3
+                         and row, timeout=120, message="the launch's progress in the job")
     assert running.progress_total == 100000 and running.message.startswith("loss ")
     spec = home / "models/1/launch/spec.json"
     assert len(launched_processes(spec)) >= 2  # the accelerate launcher and its two processes
 
-    run_cli(capsys, "cancel", "1", home=home)
-    wait_for(lambda: job(home, 1).status == "cancelled", timeout=60, what="the cancel")
-    wait_for(lambda: not launched_processes(spec), timeout=30, what="the launch to end")
+    diffmine_in_process(capsys, "cancel", "1", home=home)
+    wait_until(lambda: job_row(home, 1).status == "cancelled", timeout=60, message="the cancel")
+    wait_until(lambda: not launched_processes(spec), timeout=30, message="the launch to end")
     # The cancel may stop a checkpoint mid-write; the last complete one is what a resume takes.
     checkpoint = latest_checkpoint(home / "models/1/checkpoints")
     state = json.loads((checkpoint / "state.json").read_text())
@@ -117,8 +95,8 @@ def test_the_worker_follows_a_launch_and_a_cancel_stops_it(home, capsys, start_w
 def test_a_failed_launch_is_a_clear_job_error(home, capsys, tmp_path):
     config = tmp_path / "cluster.yaml"
     config.write_text("compute_environment: [")  # not YAML: accelerate launch itself fails
-    run_cli(capsys, "train", "a", *TRAIN, "--steps", "2", "--accelerate-config", str(config),
-            home=home, expect=1)
-    error = job(home, 1).error
+    diffmine_in_process(capsys, "train", "a", *TRAIN, "--steps", "2", "--accelerate-config", str(config),
+                        home=home, expect=1)
+    error = job_row(home, 1).error
     assert error.startswith("LaunchFailed: launched training failed (exit code 1)")
     assert "ParserError" in error and "launch.log" in error

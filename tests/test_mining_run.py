@@ -5,6 +5,7 @@ from sqlalchemy import func, select
 from app.cli import main as diffmine
 from app.db import session_scope
 from app.models import Cluster, ClusterMember, ImageLabel, ImageScore, MiningRun, Patch
+from tests.cli_helpers import diffmine_in_process, diffmine_json, run_diffmine
 
 
 def cluster_table(settings):
@@ -65,17 +66,13 @@ def test_mining_again_gives_the_same_clusters(mined_settings):
 
 
 def test_the_model_before_fine_tuning_is_a_baseline_through_the_same_pipeline(mined_settings, capsys):
-    import json
-
     from safetensors.torch import load_file
 
     home = mined_settings.home_dir
     base = home / "models/1/weights"
-    capsys.readouterr()
-    assert diffmine(["run", "animals", "--steps", "0", "--base", str(base), "--size", "tiny",
-                     "--preset", "fast", "--draws", "2", "--per-label", "5", "--clusters", "2",
-                     "--home", str(home), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = diffmine_in_process(capsys, "run", "animals", "--steps", "0", "--base", str(base), "--size", "tiny",
+                                 "--preset", "fast", "--draws", "2", "--per-label", "5", "--clusters", "2",
+                                 home=home)
     assert result["steps"] == 0 and result["final_loss"] is None and result["clusters"] > 0
     unet = "unet/diffusion_pytorch_model.safetensors"
     before, after = load_file(base / unet), load_file(home / f"models/{result['model']}/weights/{unet}")
@@ -84,13 +81,9 @@ def test_the_model_before_fine_tuning_is_a_baseline_through_the_same_pipeline(mi
 
 def test_half_precision_scoring_on_a_cpu_worker_fails_clearly_and_keeps_the_run(mined_settings):
     """fp16 autocast is for GPUs; on a CPU worker the job says so and the earlier run is untouched."""
-    import subprocess
-    import sys
-
     before = cluster_table(mined_settings)
-    done = subprocess.run([sys.executable, "-m", "app.cli", "score", "1", "--preset", "fast", "--draws", "2",
-                           "--precision", "fp16", "--home", str(mined_settings.home_dir), "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_diffmine(mined_settings.home_dir, "score", "1", "--preset", "fast", "--draws", "2",
+                        "--precision", "fp16", "--json")
     assert done.returncode != 0
     assert "fp16 scoring needs a GPU" in done.stdout + done.stderr
     assert cluster_table(mined_settings) == before
@@ -98,13 +91,9 @@ def test_half_precision_scoring_on_a_cpu_worker_fails_clearly_and_keeps_the_run(
 
 def test_the_lookalike_threshold_sets_how_much_a_recluster_leaves_out(mined_settings):
     """A lower cosine threshold counts more patches as look-alikes of an artifact cluster."""
-    import subprocess
-    import sys
-
     from sqlalchemy import text
 
     from app.db import engine_for
-    from tests.cli_helpers import diffmine_json
 
     home = mined_settings.home_dir
     diffmine_json(home, "artifact", "1")
@@ -116,6 +105,5 @@ def test_the_lookalike_threshold_sets_how_much_a_recluster_leaves_out(mined_sett
                                      "ON c.id = m.cluster_id WHERE NOT c.is_artifact")).scalar()
 
     assert clustered_after("-0.5") < clustered_after("0.99")
-    refused = subprocess.run([sys.executable, "-m", "app.cli", "mine", "1", "--recluster", "--lookalike-threshold",
-                              "1.5", "--home", str(home)], capture_output=True, text=True, timeout=120)
+    refused = run_diffmine(home, "mine", "1", "--recluster", "--lookalike-threshold", "1.5", timeout=120)
     assert refused.returncode != 0 and "cosine in (-1, 1)" in refused.stderr

@@ -3,37 +3,19 @@ visitor starts from them gets done by the worker beside the server, which stops 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import psutil
 
 from tests.cli_helpers import diffmine_json
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, wait_for_server, wait_until
 
 
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.load(response)
-
-
-def wait_for(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer in {seconds} s")
 
 
 def workers_of(home) -> list:
@@ -48,22 +30,19 @@ def test_a_translation_queued_while_serving_is_done_by_the_worker_beside_it(mine
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(base + "/static/style.css", 60)
+        wait_for_server(base, server)
         queued = diffmine_json(home, "translate", "--patch", "1", "--invert-steps", "4", "--sample-steps", "2",
                                "--queue")
-        deadline, job = time.monotonic() + 300, {}
-        while time.monotonic() < deadline:
-            job = get_json(f"{base}/jobs/{queued['job']}.json")
-            if job["status"] not in ("queued", "running"):
-                break
-            time.sleep(1)
+        job = wait_until(lambda: (job := get_json(f"{base}/jobs/{queued['job']}.json"))["status"]
+                         not in ("queued", "running") and job, timeout=300, interval=0.5,
+                         message="the worker beside the server to finish the translation")
         assert job["status"] == "succeeded", job
         assert len(workers_of(home)) == 1
     finally:
         server.send_signal(signal.SIGINT)  # as Ctrl-C does
         server.wait(timeout=60)
-    time.sleep(0.5)
-    assert not workers_of(home)  # the worker went with the server
+    wait_until(lambda: not workers_of(home), timeout=10,
+               message=lambda: f"the worker to go with the server (still there: {workers_of(home)})")
 
 
 def test_several_server_processes_serve_the_same_data(mined_settings):
@@ -72,7 +51,7 @@ def test_several_server_processes_serve_the_same_data(mined_settings):
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(base + "/static/style.css", 60)
+        wait_for_server(base, server)
         assert len(psutil.Process(server.pid).children(recursive=True)) >= 2
         # The data directory came through the environment, not a flag the children never saw.
         assert [run["id"] for run in get_json(base + "/index.json")["datasets"][0]["runs"]] == [1]

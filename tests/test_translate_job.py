@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
@@ -16,24 +15,13 @@ from app.jobs import PRIORITY_INTERACTIVE
 from app.models import Image, Job, Label, Patch, Translation
 from app.params import TranslationOptions
 from app.services.translations import request_translation
+from tests.cli_helpers import diffmine_in_process
 from worker.runner import Worker
 
 #: few DDIM steps: these tests check the plumbing; the engine tests check the numbers
 QUICK = ["--invert-steps", "8", "--sample-steps", "4", "--guidance", "2"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(capsys, *argv, home) -> dict:
-    capsys.readouterr()
-    assert diffmine([*argv, "--home", str(home), "--json"]) == 0, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def first_patch(settings) -> Patch:
@@ -45,7 +33,7 @@ def first_patch(settings) -> Patch:
 
 def test_translate_a_patch_from_the_cli_then_from_the_cache(mined_settings, capsys):
     home, patch = mined_settings.home_dir, first_patch(mined_settings)
-    result = run_cli(capsys, "translate", "--patch", str(patch.id), *QUICK, home=home)
+    result = diffmine_in_process(capsys, "translate", "--patch", str(patch.id), *QUICK, home=home)
     with session_scope(mined_settings) as session:
         labels = session.scalars(select(Label.name).order_by(Label.position)).all()
         row = session.get(Translation, result["translation"])
@@ -67,12 +55,13 @@ def test_translate_a_patch_from_the_cli_then_from_the_cache(mined_settings, caps
     assert (home / result["result_dir"] / "source.png").exists()
 
     # the same click again: the row is reused, nothing runs
-    again = run_cli(capsys, "translate", "--patch", str(patch.id), *QUICK, home=home)
+    again = diffmine_in_process(capsys, "translate", "--patch", str(patch.id), *QUICK, home=home)
     assert again["translation"] == result["translation"] and again["cached"]
     with session_scope(mined_settings) as session:
         assert session.scalar(select(func.count()).select_from(Job).where(Job.kind == "translate")) == jobs
     # other settings are another translation
-    other = run_cli(capsys, "translate", "--patch", str(patch.id), *QUICK, "--seed", "1", "--queue", home=home)
+    other = diffmine_in_process(capsys, "translate", "--patch", str(patch.id), *QUICK, "--seed", "1", "--queue",
+                                home=home)
     assert other["translation"] != result["translation"] and other["job"] and other["labels"] == labels
 
 
@@ -99,9 +88,9 @@ def test_an_image_region_with_a_context_window_and_a_failure(mined_settings, cap
         image = session.scalar(select(Image).order_by(Image.id).limit(1))
         image_id, width, height = image.id, image.width, image.height
     box = f"{width // 4},{height // 4},{width // 2},{height // 2}"
-    whole = run_cli(capsys, "translate", "--run", "1", "--image", str(image_id), *QUICK, home=home)
-    region = run_cli(capsys, "translate", "--run", "1", "--image", str(image_id), "--box", box,
-                     "--context", "1.5", *QUICK, home=home)
+    whole = diffmine_in_process(capsys, "translate", "--run", "1", "--image", str(image_id), *QUICK, home=home)
+    region = diffmine_in_process(capsys, "translate", "--run", "1", "--image", str(image_id), "--box", box,
+                                 "--context", "1.5", *QUICK, home=home)
     assert whole["translation"] != region["translation"]
     assert whole["result_dir"] == f"models/1/translations/{whole['translation']}"
     whole_crop = PILImage.open(home / whole["results"][0]["crop"])
@@ -116,7 +105,8 @@ def test_an_image_region_with_a_context_window_and_a_failure(mined_settings, cap
 
 def test_parallel_dataset_is_mined_clustered_and_resumable(mined_settings, capsys):
     home = mined_settings.home_dir
-    result = run_cli(capsys, "translate", "--run", "1", "--parallel", "5", "--clusters", "2", *QUICK, home=home)
+    result = diffmine_in_process(capsys, "translate", "--run", "1", "--parallel", "5", "--clusters", "2", *QUICK,
+                                 home=home)
     summary_path = home / result["summary"]
     summary = json.loads(summary_path.read_text())
     labels = [label["name"] for label in summary["labels"]]
@@ -136,7 +126,8 @@ def test_parallel_dataset_is_mined_clustered_and_resumable(mined_settings, capsy
     for path in [summary_path, folder / "patches.json", *sorted((folder / "chunks").glob("*.npz"))[1:],
                  *(folder / "features").glob("*.npy")]:
         path.unlink()
-    again = run_cli(capsys, "translate", "--run", "1", "--parallel", "5", "--clusters", "2", *QUICK, home=home)
+    again = diffmine_in_process(capsys, "translate", "--run", "1", "--parallel", "5", "--clusters", "2", *QUICK,
+                                home=home)
     assert chunk.stat().st_mtime_ns == kept
     assert json.loads(summary_path.read_text())["clusters"] == summary["clusters"]
     assert {k: v for k, v in again.items() if k != "job"} == {k: v for k, v in result.items() if k != "job"}

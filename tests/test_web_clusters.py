@@ -1,18 +1,10 @@
 """Cluster pages: every member linking to its image, the typicality profile across labels, and
 the artifact mark, which persists and hides the cluster from the gallery."""
-import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func
 
 from app.db import session_scope
 from app.models import Cluster, MiningRun
-from app.web import create_app
 from tests.web_helpers import form_token
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def test_cluster_page_lists_members_in_order_with_links_to_images(client):

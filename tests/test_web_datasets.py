@@ -11,6 +11,7 @@ EVIL = '<img src=x onerror="alert(1)">'
 
 @pytest.fixture
 def client(settings, tmp_path):
+    """Over one small dataset with a manifest (overrides conftest's client over the mined one)."""
     files = {f"{i}.png": png_bytes(i) for i in range(6)}
     rows = "".join(f'{i}.png,"{EVIL.replace(chr(34), chr(34) * 2)}"\n' if i < 3 else f"{i}.png,calm\n"
                    for i in range(6))

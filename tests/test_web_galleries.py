@@ -2,19 +2,12 @@
 members, pages that load more, label switching by fragment, comparison, JSON twins, escaping,
 and reads that go through indexes."""
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app.db import engine_for
-from app.web import create_app
 from tests.web_helpers import captured_sql, full_scans
 
 EVIL = '<img src=x onerror="alert(1)">'
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def test_run_page_shows_every_label_with_its_top_cluster(client):

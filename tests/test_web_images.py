@@ -3,20 +3,12 @@ outlined, and typicality heatmaps rendered once per (image, label) into PNG file
 import io
 
 import numpy as np
-import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select, update
 
 from app.db import session_scope
 from app.models import ImageScore, MiningRun, TrainedModel
 from app.services.runs import examples, labels_of
-from app.web import create_app
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def image_with_patches(client) -> int:

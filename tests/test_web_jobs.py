@@ -1,18 +1,10 @@
 """Job pages: stage, done/total, rate, ETA and log tail, polled while the job is active and
 still there after a reload; cancel."""
-import pytest
-from fastapi.testclient import TestClient
 
 from app.db import session_scope
 from app.jobs import enqueue
 from app.models import Job
-from app.web import create_app
 from tests.web_helpers import form_token
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def running_job(settings) -> int:

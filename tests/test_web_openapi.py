@@ -1,17 +1,9 @@
 """The API: every route in OpenAPI, every page a JSON twin."""
 import pytest
-from fastapi.testclient import TestClient
-
-from app.web import create_app
 
 PAGES = ["/", "/datasets/1", "/runs/1", "/runs/1/labels/1", "/runs/1/compare", "/clusters/1",
          "/clusters/1/translations", "/images/1", "/patches/1", "/patches/1/similar", "/jobs",
          "/jobs/1", "/upload", "/api", "/runs/1/parallel"]
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def test_openapi_lists_the_routes(client):

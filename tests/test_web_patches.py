@@ -4,15 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-from fastapi.testclient import TestClient
-
-from app.web import create_app
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def test_patch_page_shows_its_image_clusters_and_actions(client):

@@ -9,11 +9,6 @@ from app.web import create_app
 from tests.web_helpers import form_token
 
 
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
-
-
 def test_the_form_queues_a_pipeline_job(mined_settings, client):
     page = client.get("/datasets/1")
     assert 'action="/datasets/1/runs"' in page.text and "Run 1" in page.text

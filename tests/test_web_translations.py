@@ -1,21 +1,13 @@
 """Translations from the web: a click records a Translation and an interactive "translate"
 job, a repeated click reuses them, the panel polls until the worker fills the row, then shows
 the element in every label; a cluster's members are translated for its consistent-change view."""
-import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.jobs import PRIORITY_INTERACTIVE
 from app.models import Job, Patch, Translation
 from app.services.translations import request_translation, translation_key
-from app.web import create_app
 from tests.web_helpers import form_token
-
-
-@pytest.fixture
-def client(mined_settings):
-    return TestClient(create_app(mined_settings))
 
 
 def fill(settings, translation_id: int, *, status="ready"):

@@ -23,6 +23,7 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 @pytest.fixture
 def client(settings):
+    """Over an empty data directory (overrides conftest's client over the mined one)."""
     return TestClient(create_app(settings))
 
 

@@ -1,17 +1,16 @@
 """The job queue with the real worker process: claiming, failure, cancel, kill and resume."""
 import json
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.jobs import PRIORITY_INTERACTIVE, enqueue, request_cancel
-from app.models import Dataset, Image, Job
+from app.models import Dataset, Image, Job, utcnow
+from tests.cli_helpers import run_diffmine
 from tests.conftest import label_files, write_zip
+from tests.helpers import job_row, wait_until
 from worker import queue
 
 
@@ -20,18 +19,10 @@ def add_job(settings, kind="ingest", priority=0, **params):
         return enqueue(session, kind=kind, params=params, priority=priority).id
 
 
-def job(settings, job_id) -> Job:
-    with session_scope(settings) as session:
-        return session.get(Job, job_id)
-
-
-def wait_until(predicate, timeout=120, step=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    raise AssertionError("timed out")
+def lease_expired(settings, job_id) -> bool:
+    """The job's worker holds it no longer: the next claim may take it over."""
+    row = job_row(settings, job_id)
+    return row.status == "running" and row.lease_until < utcnow()
 
 
 def test_claim_is_atomic_under_concurrency(settings):
@@ -62,12 +53,13 @@ def test_expired_lease_is_claimable_and_exhausted_jobs_fail(settings):
     with session_scope(settings) as session:
         session.get(Job, job_id).max_attempts = 2
     assert queue.claim_next(settings, worker_id="dead1", lease_seconds=0.01) == job_id
-    time.sleep(0.05)
+    wait_until(lambda: lease_expired(settings, job_id), timeout=10, interval=0.01, message="dead1's lease to run out")
     assert queue.claim_next(settings, worker_id="dead2", lease_seconds=0.01) == job_id
-    time.sleep(0.05)
+    wait_until(lambda: lease_expired(settings, job_id), timeout=10, interval=0.01, message="dead2's lease to run out")
     assert queue.claim_next(settings, worker_id="w3", lease_seconds=60) is None
-    assert job(settings, job_id).status == "failed"
-    assert "stopped responding" in job(settings, job_id).error
+    failed = job_row(settings, job_id)
+    assert failed.status == "failed" and failed.attempts == 2
+    assert "stopped responding" in failed.error
 
 
 def test_two_worker_processes_never_run_the_same_job(settings, tmp_path, start_worker):
@@ -79,7 +71,7 @@ def test_two_worker_processes_never_run_the_same_job(settings, tmp_path, start_w
                             "--worker-id", f"w{i}") for i in range(2)]
     for w in workers:
         assert w.wait(timeout=120) == 0, w.stderr.read()
-    jobs = [job(settings, i) for i in ids]
+    jobs = [job_row(settings, i) for i in ids]
     assert all(j.status == "succeeded" and j.attempts == 1 for j in jobs)
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Dataset)) == 6
@@ -91,7 +83,7 @@ def test_failed_job_keeps_its_error(settings, tmp_path, start_worker):
     job_id = add_job(settings, source=str(write_zip(tmp_path / "bad.zip", files)), name="bad",
                      min_images_per_label=3)
     assert start_worker(settings.home_dir, "--poll", "0.2", "--exit-when-idle").wait(timeout=120) == 0
-    failed = job(settings, job_id)
+    failed = job_row(settings, job_id)
     assert failed.status == "failed" and failed.attempts == 1  # a bad file is not retried
     assert failed.error == "IngestError: a/bad.png: not an image file (Pillow cannot identify it)"
 
@@ -103,28 +95,32 @@ def test_cancel_queued_and_running(settings, start_worker):
     running = add_job(settings, source="builtin:animals", name="animals")
     worker = start_worker(settings.home_dir, "--poll", "0.2", "--lease", "1")
     try:
-        wait_until(lambda: (job(settings, running).progress_done or 0) > 200)
+        wait_until(lambda: (job_row(settings, running).progress_done or 0) > 200, timeout=120, interval=0.2,
+                   message="the ingest to get going")
         with session_scope(settings) as session:
             request_cancel(session, running)
-        wait_until(lambda: job(settings, running).status == "cancelled", timeout=60)
+        wait_until(lambda: job_row(settings, running).status == "cancelled", timeout=60, interval=0.2,
+                   message=lambda: f"the cancel (the job is {job_row(settings, running).status})")
     finally:
         worker.terminate()
         worker.wait(timeout=30)
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Image)) == 0
-    assert job(settings, queued).status == "cancelled"
+    assert job_row(settings, queued).status == "cancelled"
 
 
 def test_killed_worker_job_is_resumed_not_lost_or_doubled(settings, start_worker):
     job_id = add_job(settings, source="builtin:animals", name="animals", limit_per_label=300)
     first = start_worker(settings.home_dir, "--poll", "0.2", "--lease", "2")
-    wait_until(lambda: (job(settings, job_id).progress_done or 0) > 800)
+    wait_until(lambda: (job_row(settings, job_id).progress_done or 0) > 800, timeout=120, interval=0.2,
+               message="the ingest to get going")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
-    time.sleep(2.5)  # the dead worker's lease runs out
+    # The next worker exits when it finds nothing to claim: start it once the dead one's lease ran out.
+    wait_until(lambda: lease_expired(settings, job_id), timeout=30, message="the dead worker's lease to run out")
     second = start_worker(settings.home_dir, "--poll", "0.2", "--lease", "2", "--exit-when-idle")
     assert second.wait(timeout=300) == 0, second.stderr.read()
-    resumed = job(settings, job_id)
+    resumed = job_row(settings, job_id)
     assert resumed.status == "succeeded" and resumed.attempts == 2
     with session_scope(settings) as session:
         assert session.scalar(select(func.count()).select_from(Image)) == 2974  # as an uninterrupted run
@@ -135,9 +131,8 @@ def test_cli_queue_and_wait(settings, tmp_path, start_worker):
     archive = write_zip(tmp_path / "w.zip", label_files({"a": 5, "b": 5}))
     worker = start_worker(settings.home_dir, "--poll", "0.2")
     try:
-        done = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(archive), "--name", "w",
-                               "--wait", "--json", "--home", str(settings.home_dir)],
-                              capture_output=True, text=True, timeout=120)
+        done = run_diffmine(settings.home_dir, "ingest", str(archive), "--name", "w", "--wait", "--json",
+                            timeout=120)
     finally:
         worker.terminate()
         worker.wait(timeout=30)

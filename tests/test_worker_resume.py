@@ -2,26 +2,20 @@
 job with exactly the results of an uninterrupted run, and no duplicate rows."""
 import hashlib
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.models import Cluster, ClusterMember, ImageScore, Job, Patch
+from app.models import Cluster, ClusterMember, ImageScore, Patch
 from app.settings import Settings
+from tests.cli_helpers import run_diffmine
+from tests.helpers import job_row, wait_until
 from tests.small_data import animal_folder
 
 RUN_OPTIONS = ["--size", "tiny", "--steps", "40", "--batch-size", "8", "--checkpoint-every", "10",
                "--preset", "fast", "--draws", "8", "--shard-size", "8", "--per-label", "12",
                "--clusters", "2"]
-
-
-def cli(home, *args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "app.cli", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=600, **kwargs)
 
 
 def results(home):
@@ -39,25 +33,23 @@ def results(home):
     return hashlib.sha256(weights).hexdigest(), scores, patches, clusters
 
 
-def job_state(home, job_id=1):
-    with session_scope(Settings(home=home)) as session:
-        job = session.get(Job, job_id)
-        return job.status, job.stage, job.progress_done or 0, job.attempts
+def kill_when(home, process, attempt, predicate, timeout=300):
+    """SIGKILL the worker `process` once it runs the job (its `attempt`-th claim: the dead
+    worker's lease ran out and this one took the job over) and the job is at `predicate`."""
+    def at_the_kill_point() -> bool:
+        job = job_row(home, 1)
+        if job.status not in ("running", "queued"):
+            pytest.fail(f"the job ended ({job.status}) before the worker could be killed at this point")
+        return job.attempts == attempt and predicate(job.stage, job.progress_done or 0)
 
+    def state() -> str:
+        job = job_row(home, 1)
+        return (f"the kill point of attempt {attempt} (the job is at {job.stage} {job.progress_done}, "
+                f"attempt {job.attempts})")
 
-def kill_when(home, process, predicate, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status, stage, done, _ = job_state(home)
-        if status != "running" and status != "queued":
-            pytest.fail(f"the job ended ({status}) before the worker could be killed at this point")
-        if predicate(stage, done):
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=30)
-            time.sleep(2.5)  # its lease runs out
-            return
-        time.sleep(0.05)
-    pytest.fail("timed out waiting for the kill point")
+    wait_until(at_the_kill_point, timeout=timeout, interval=0.05, message=state)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -66,29 +58,27 @@ def source(tmp_path_factory):
 
 
 def ingest(home, source):
-    assert cli(home, "ingest", str(source), "--name", "a", "--min-per-label", "5").returncode == 0
+    assert run_diffmine(home, "ingest", str(source), "--name", "a", "--min-per-label", "5").returncode == 0
 
 
 def test_killed_in_training_scoring_and_mining(source, tmp_path, start_worker):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     for home in (reference, resumed):
         ingest(home, source)
-    done = cli(reference, "run", "a", *RUN_OPTIONS, "--json")
+    done = run_diffmine(reference, "run", "a", *RUN_OPTIONS, "--json", timeout=600)
     assert done.returncode == 0, done.stderr
 
-    queued = cli(resumed, "run", "a", *RUN_OPTIONS, "--queue", "--json")
+    queued = run_diffmine(resumed, "run", "a", *RUN_OPTIONS, "--queue", "--json")
     assert queued.returncode == 0 and '"job": 1' in queued.stdout
     kill_points = [lambda stage, done: stage == "train" and done >= 15,
                    lambda stage, done: stage == "score" and done >= 8,
                    lambda stage, done: stage == "features" and done >= 1]
-    for point in kill_points:
-        kill_when(resumed, start_worker(resumed, "--lease", "2", "--poll", "0.1"), point)
+    for attempt, point in enumerate(kill_points, start=1):
+        kill_when(resumed, start_worker(resumed, "--lease", "2", "--poll", "0.1"), attempt, point)
     last = start_worker(resumed, "--lease", "2", "--poll", "0.1")
-    deadline = time.time() + 300
-    while job_state(resumed)[0] in ("queued", "running") and time.time() < deadline:
-        time.sleep(0.2)
+    job = wait_until(lambda: (row := job_row(resumed, 1)).status not in ("queued", "running") and row,
+                     timeout=300, interval=0.2, message="the last worker to finish the job")
     last.terminate()
     last.wait(timeout=30)
-    status, _, _, attempts = job_state(resumed)
-    assert status == "succeeded" and attempts == 4
+    assert job.status == "succeeded" and job.attempts == 4, job.error
     assert results(resumed) == results(reference)

@@ -39,15 +39,8 @@ LABELS = ["cat", "dog", "car"]
 S = TINY_IMAGE_SIZE  # 64 px images -> 8 x 8 latents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny SD models' ops are too small for intra-op threads: one thread is as fast on an idle
-    2-core machine and many times faster on a busy one. Function-scoped so that it runs after (and
-    overrides) any per-test thread setting of a conftest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tiny SD models' ops are too small for intra-op threads (tests/conftest.py's one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

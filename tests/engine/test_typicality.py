@@ -143,11 +143,11 @@ def test_label_scores_stream_accepts_dataset_batches(tiny_denoiser, images):
 
 def test_presets_are_frozen_and_validated():
     assert get_preset("paper") is PAPER and PAPER.draws == 100 and (PAPER.t_min, PAPER.t_max) == (100, 700)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'draws'"):
         PAPER.draws = 5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="even number of draws, got 9"):
         TypicalityPreset(name="odd", draws=9, timesteps="stratified")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown typicality preset 'warp'"):
         get_preset("warp")
 
 
@@ -160,5 +160,5 @@ def test_importance_sampled_typicality_runs_with_fitted_weights(tiny_denoiser, i
     preset = FAST.with_(draws=12, timesteps="importance", timestep_weights=weights)
     result = typicality(tiny_denoiser, images, conditions, preset, seed=0)
     assert torch.isfinite(result.scores).all() and (result.stderr > 0).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timestep_weights go with timesteps='importance'"):
         FAST.with_(timesteps="importance")  # no weights
