@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from worker.engine.registry import create_pixel_denoiser
+from worker.engine.training import train
 
 # One intra-op thread: these tests run many small forward passes, which gain nothing from a
 # second thread, and on shared CI cores OpenMP threads spinning against other jobs can make a
@@ -51,3 +52,16 @@ def planted_dataset(count: int, resolution: int = 32, mark: int = 8, seed: int =
             masks[i, top:top + mark, left:left + mark] = True
     images = torch.where(masks[:, None], torch.ones_like(images), images)
     return images, torch.nn.functional.one_hot(labels, 2).float(), masks
+
+
+@pytest.fixture(scope="session")
+def planted_model():
+    """A tiny model trained for seconds on `planted_dataset`: label 0's mark is what it learns."""
+    images, conditions, _ = planted_dataset(256, seed=0)
+    model = create_pixel_denoiser(LABELS, resolution=32, seed=0, size="tiny")
+    # lr 1e-3 instead of the fine-tuning recipe's 1e-4: this model starts from scratch and has
+    # seconds, not hours.
+    result = train(model, torch.utils.data.TensorDataset(images, conditions), steps=80, batch_size=16,
+                   seed=0, lr=1e-3)
+    assert result.final_loss < result.losses[0]
+    return model

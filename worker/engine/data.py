@@ -2,8 +2,12 @@
 
 Items are `(image, condition)`: image [3, R, R] float in [-1, 1], condition [n_labels] float
 multi-hot (all zeros = unlabeled). Images are composited over white when they have alpha,
-resized so the shorter side is R, then cropped to R x R: a random crop for training, the
-center crop for scoring (so typicality maps align with a known region of the image).
+resized so the shorter side is N (`image_size`, R unless given), then cropped to R x R: a random
+crop for training, the center crop for the legacy square view.
+
+Scoring sees the whole image (`View(size=N, whole=True)`): shorter side N, every pixel kept,
+whatever the aspect ratio; models from before image sizes existed score the centre crop
+(`View(size=R, whole=False)`), as they always did.
 
 Random crops are reproducible: index the dataset with `(index, crop_seed)` and the crop is a
 pure function of that seed. `training.train` does this, deriving crop seeds from (seed, step),
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +61,43 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
 
 
+@dataclass(frozen=True)
+class View:
+    """How the model sees an image: shorter side resized to `size`, then the whole image, or
+    (`whole=False`, the old square view) its centre `size` x `size` crop."""
+
+    size: int
+    whole: bool = True
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """[3, H, W] in [-1, 1]: H, W >= size, the shorter one == size."""
+        image = resize_shorter_side(load_rgb(path), self.size)
+        return to_tensor(image if self.whole else ImageDataset.centre_crop(image, self.size))
+
+    def shape_of(self, original_size: Sequence[int]) -> tuple[int, int]:
+        """(H, W) of the view of an original (W, H) image, without loading it."""
+        if not self.whole:
+            return self.size, self.size
+        width, height = original_size
+        scale = self.size / min(width, height)
+        return max(self.size, round(height * scale)), max(self.size, round(width * scale))
+
+
+def load_view_groups(paths: Sequence[str | Path], view: View) -> list[tuple[list[int], torch.Tensor]]:
+    """The images as `view` shows them, stacked by shape: [(indices into paths, [B, 3, H, W])].
+    Square views make one group; photos of a few aspect ratios a few."""
+    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for index, path in enumerate(paths):
+        image = view.load(path)
+        groups.setdefault(tuple(image.shape[1:]), []).append((index, image))
+    return [([i for i, _ in members], torch.stack([image for _, image in members]))
+            for members in groups.values()]
+
+
 def load_views(paths: Sequence[str | Path], resolution: int) -> torch.Tensor:
     """The images as the model scores them, [B, 3, R, R] in [-1, 1]: shorter side resized to R,
     centre crop (what `ImageDataset(train=False)` gives, without conditions)."""
-    return torch.stack([to_tensor(ImageDataset.centre_crop(resize_shorter_side(load_rgb(p), resolution),
-                                                          resolution)) for p in paths])
+    return torch.stack([View(resolution, whole=False).load(p) for p in paths])
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -70,7 +107,7 @@ class ImageDataset(torch.utils.data.Dataset):
     accepts_seeded_keys = True
 
     def __init__(self, paths: Sequence[str | Path], conditions: torch.Tensor, resolution: int,
-                 train: bool = True):
+                 train: bool = True, image_size: int | None = None):
         conditions = torch.as_tensor(conditions, dtype=torch.float32)
         if conditions.ndim != 2 or conditions.shape[0] != len(paths):
             raise ValueError(f"need one condition row per path: {len(paths)} paths, "
@@ -78,6 +115,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self.paths = [Path(p) for p in paths]
         self.conditions = conditions
         self.resolution = resolution
+        #: the shorter side the image is resized to before an R x R crop is taken
+        self.image_size = image_size or resolution
+        if self.image_size < resolution:
+            raise ValueError(f"image size {self.image_size} is smaller than the crops ({resolution} px)")
         self.train = train
 
     def __len__(self) -> int:
@@ -85,7 +126,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, crop_seed = key if isinstance(key, tuple) else (key, None)
-        image = resize_shorter_side(load_rgb(self.paths[index]), self.resolution)
+        image = resize_shorter_side(load_rgb(self.paths[index]), self.image_size)
         return to_tensor(self.crop(image, crop_seed)), self.conditions[index]
 
     def crop(self, image: Image.Image, crop_seed: int | None) -> Image.Image:

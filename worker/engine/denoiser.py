@@ -61,6 +61,12 @@ class ConditionalDenoiser(torch.nn.Module, abc.ABC):
     def unet(self) -> torch.nn.Module:
         """The diffusers UNet, for feature hooks (DIFT, Plug-and-Play injection)."""
 
+    @property
+    def spatial_multiple(self) -> int:
+        """The UNet halves the denoising space this many times over, so its sides must be a
+        multiple of 2 ** (levels - 1); scoring pads other sizes up to it (typicality.py)."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     @abc.abstractmethod
     def save(self, folder: str | Path) -> None:
         """Save as a diffusers-style folder (safetensors weights + json config)."""

@@ -17,6 +17,14 @@ eps and the same forward call, so their difference has low variance. For the pap
 Because draws do not depend on the batch, scoring a batch gives the same numbers as scoring
 its images one by one (up to float rounding of batched kernels).
 
+Any image size. The UNet's sides must be a multiple of `denoiser.spatial_multiple` (8 for the
+pixel models): other sizes are padded by reflection on the right and bottom, and the padding is
+cut out of every loss map before it is averaged, so maps have the image's own size and scores
+are means over its own pixels only. Padding, not tiles: the pixel model is convolutional, one
+pass over the whole image sees every pixel in its full context, and memory stays bounded by
+sending fewer rows per forward call as images grow (`_rows_per_call`). Drawn noise has the
+padded shape, so an image that needs no padding gets exactly the numbers it always got.
+
 Standard errors: i.i.d. draws use std / sqrt(N). Stratified (and importance-sampled) draws use
 the collapsed-strata estimator (neighbouring strata paired; slightly conservative), since the
 i.i.d. formula would overstate their error. Timestep schemes: worker/engine/timesteps.py.
@@ -29,6 +37,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .denoiser import ConditionalDenoiser
 from .presets import PAPER, TypicalityPreset
@@ -174,14 +183,17 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
     """
     batch, conditions_per_draw = len(latents), len(condition_sets)
     device = latents.device
+    height, width = latents.shape[-2:]
+    latents = _pad_to_multiple(latents, denoiser.spatial_multiple)
     timesteps, noise, weights = draw_timesteps_and_noise(preset, seed, latents.shape[1:])
     timesteps, noise, weights = timesteps.to(device), noise.to(device, latents.dtype), weights.to(device)
     conditions = torch.stack(condition_sets, dim=1).to(device)  # [B, J, L]
     per_draw = torch.zeros(batch, conditions_per_draw, preset.draws, device=device)
-    map_sums = torch.zeros(batch, conditions_per_draw, *latents.shape[2:], device=device)
+    map_sums = torch.zeros(batch, conditions_per_draw, height, width, device=device)
     used = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.arange(batch, device=device)
-    chunk = max(conditions_per_draw, preset.forward_batch // conditions_per_draw * conditions_per_draw)
+    rows = _rows_per_call(denoiser, preset, latents.shape[-2:])
+    chunk = max(conditions_per_draw, rows // conditions_per_draw * conditions_per_draw)
 
     for start in range(0, preset.draws, preset.rounds_of):
         draws = torch.arange(start, start + preset.rounds_of, device=device)
@@ -193,8 +205,10 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             with _autocast(device, preset):
                 prediction = denoiser.predict_noise(_memory_format(noisy, preset), timesteps[draw],
                                                     conditions[image, cond])
-            # Channel-averaged squared error, times p/q for importance-sampled timesteps.
-            loss = (prediction.float() - eps.float()).pow(2).mean(dim=1) * weights[draw, None, None]
+            # Channel-averaged squared error over the image's own pixels, times p/q for
+            # importance-sampled timesteps.
+            loss = (prediction.float() - eps.float()).pow(2).mean(dim=1)[:, :height, :width] \
+                * weights[draw, None, None]
             per_draw[image, cond, draw] = loss.mean(dim=(1, 2))
             map_sums.view(-1, *loss.shape[1:]).index_add_(0, image * conditions_per_draw + cond, loss)
         used[active] += preset.rounds_of
@@ -206,6 +220,26 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             if len(active) == 0:
                 break
     return per_draw, map_sums, used
+
+
+def _pad_to_multiple(latents: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad [B, C, h, w] on the right and bottom, by reflection, up to multiples of `multiple`."""
+    height, width = latents.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return latents
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(latents, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _rows_per_call(denoiser: ConditionalDenoiser, preset: TypicalityPreset, shape) -> int:
+    """`preset.forward_batch` counts rows at a pixel model's training size; larger inputs get
+    proportionally fewer rows per call, so a forward call's memory stays about the same."""
+    trained = getattr(denoiser, "resolution", None)  # pixel models: the side of their crops
+    pixels = shape[0] * shape[1]
+    if not trained or pixels <= trained * trained:
+        return preset.forward_batch
+    return max(1, preset.forward_batch * trained * trained // pixels)
 
 
 def _masked_mean_and_stderr(differences: torch.Tensor, used: torch.Tensor,
