@@ -224,6 +224,26 @@ def test_box_to_original_finds_the_region_through_the_real_pipeline(original):
     assert np.allclose(mapped, (x0, y0, x1, y1), atol=1.5 * scale)
 
 
+@pytest.mark.parametrize("original", [(90, 60), (60, 90), (301, 97)])
+def test_the_whole_view_maps_a_region_at_the_edge_back(original):
+    """The whole view (no crop): a rectangle at the right edge, which the centre crop would cut
+    away, is found in the model image and maps back onto itself."""
+    width, height = original
+    size = 32
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = width - width // 6, height // 3, width, height // 2
+    pixels[y0:y1, x0:x1] = 255
+    view = data.View(size=size)
+    model = view.load_pil(Image.fromarray(pixels))
+    assert model.shape[1:] == view.shape_of(original)
+    rows, cols = np.nonzero(model[0].numpy() > 0)
+    found = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    mapped = box_to_original(found, size, original, whole=True)
+    scale = min(width, height) / size
+    assert np.allclose(mapped, (x0, y0, x1, y1), atol=1.5 * scale)
+    assert np.allclose(box_to_model(mapped, size, original, whole=True), found)
+
+
 def test_box_to_model_inverts_box_to_original():
     box = Box(3, 5, 13, 15, 0.25)
     for original in [(90, 60), (60, 90), (1000, 333), (32, 32)]:

@@ -71,7 +71,10 @@ class View:
 
     def load(self, path: str | Path) -> torch.Tensor:
         """[3, H, W] in [-1, 1]: H, W >= size, the shorter one == size."""
-        image = resize_shorter_side(load_rgb(path), self.size)
+        return self.load_pil(load_rgb(path))
+
+    def load_pil(self, image: Image.Image) -> torch.Tensor:
+        image = resize_shorter_side(image.convert("RGB"), self.size)
         return to_tensor(image if self.whole else ImageDataset.centre_crop(image, self.size))
 
     def shape_of(self, original_size: Sequence[int]) -> tuple[int, int]:

@@ -285,12 +285,15 @@ def _best_per_label(keyed: Iterable[tuple[Hashable, float, float, Any]],
 
 
 # --- model pixels <-> original pixels -----------------------------------------------------------
-def _crop_geometry(model_size: int, original_size: Sequence[int]) -> tuple[float, float, int, int]:
-    """Per-axis scale and crop offset of "resize shorter side to R, center-crop R x R".
+def _crop_geometry(model_size: int, original_size: Sequence[int],
+                   whole: bool = False) -> tuple[float, float, int, int]:
+    """Per-axis scale and crop offset of "resize shorter side to R" and, unless `whole`,
+    "center-crop R x R" (`data.View`).
 
-    Mirrors `data.resize_shorter_side` + the scoring center crop: resized size is
+    Mirrors `data.resize_shorter_side` + the centre crop: resized size is
     (max(R, round(W * s)), max(R, round(H * s))) with s = R / min(W, H), crop offset
-    ((W' - R) // 2, (H' - R) // 2). The per-axis scales W'/W and H'/H absorb the rounding.
+    ((W' - R) // 2, (H' - R) // 2), or none for the whole image. The per-axis scales W'/W and
+    H'/H absorb the rounding.
     """
     width, height = original_size
     if width <= 0 or height <= 0 or model_size <= 0:
@@ -298,47 +301,51 @@ def _crop_geometry(model_size: int, original_size: Sequence[int]) -> tuple[float
     scale = model_size / min(width, height)
     resized_w = max(model_size, round(width * scale))
     resized_h = max(model_size, round(height * scale))
+    if whole:
+        return resized_w / width, resized_h / height, 0, 0
     return resized_w / width, resized_h / height, (resized_w - model_size) // 2, (resized_h - model_size) // 2
 
 
-def box_to_original(box: Sequence[float], model_size: int, original_size: Sequence[int]) -> tuple[float, ...]:
+def box_to_original(box: Sequence[float], model_size: int, original_size: Sequence[int], *,
+                    whole: bool = False) -> tuple[float, ...]:
     """Model-resolution box -> the same region in the original image's pixels (floats).
 
     Assumes the scored image was made the way `data.ImageDataset(train=False)` makes it: the
     original (W, H) = `original_size` resized so its shorter side is `model_size`, then
-    center-cropped to model_size x model_size. So the result always lies inside the central
-    square-ish region the model saw. A fifth element (the score) passes through unchanged.
-    Round outward (floor x0/y0, ceil x1/y1) to crop pixels. Inverse: `box_to_model`.
+    center-cropped to model_size x model_size, or kept whole (`whole`, `data.View(whole=True)`).
+    A fifth element (the score) passes through unchanged. Round outward (floor x0/y0, ceil
+    x1/y1) to crop pixels. Inverse: `box_to_model`.
     """
-    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size)
+    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size, whole)
     x0, y0, x1, y1, *rest = box
     return ((x0 + left) / scale_x, (y0 + top) / scale_y, (x1 + left) / scale_x, (y1 + top) / scale_y, *rest)
 
 
-def box_to_model(box: Sequence[float], model_size: int, original_size: Sequence[int]) -> tuple[float, ...]:
+def box_to_model(box: Sequence[float], model_size: int, original_size: Sequence[int], *,
+                 whole: bool = False) -> tuple[float, ...]:
     """The inverse of `box_to_original`: original-image pixels -> model-resolution pixels.
 
     Regions outside the center crop map outside [0, model_size); they are not clipped.
     """
-    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size)
+    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size, whole)
     x0, y0, x1, y1, *rest = box
     return (x0 * scale_x - left, y0 * scale_y - top, x1 * scale_x - left, y1 * scale_y - top, *rest)
 
 
 def model_top_left(stored_box: Sequence[int], model_size: int, original_size: Sequence[int],
-                   patch_size: int) -> tuple[int, int]:
+                   patch_size: int, *, whole: bool = False) -> tuple[int, int]:
     """The k x k box's top-left on the model grid from its stored (outward-rounded) original box.
 
     Rounding outward loses up to an original pixel, more than half a model pixel when the
     original is smaller than the model's view, so `round(box_to_model(...))` can land one off;
     the neighbour whose own outward rounding reproduces the stored box is the one.
     """
-    x, y = box_to_model(stored_box[:4], model_size, original_size)[:2]
+    x, y = box_to_model(stored_box[:4], model_size, original_size, whole=whole)[:2]
     for dy in (0, 1, -1):
         for dx in (0, 1, -1):
             top_left = (round(x) + dx, round(y) + dy)
             x0, y0, x1, y1 = box_to_original((*top_left, top_left[0] + patch_size, top_left[1] + patch_size),
-                                             model_size, original_size)
+                                             model_size, original_size, whole=whole)
             if (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)) == tuple(stored_box[:4]):
                 return top_left
     return round(x), round(y)
