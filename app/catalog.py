@@ -34,6 +34,8 @@ TRANSLATION_PRESETS = {
 
 #: model backends: the embedded pixel UNet, and Stable Diffusion on a GPU
 BACKENDS = ("pixel", "stable-diffusion")
+#: how scoring sees an image: whole at its own shape, or the old centre square
+VIEWS = ("whole", "centre-crop")
 #: widths of the embedded pixel UNet (worker/engine/pixel.py)
 PIXEL_SIZES = ("tiny", "small", "base")
 

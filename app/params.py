@@ -19,6 +19,7 @@ Preset = Literal["paper", "fast"]
 Backend = Literal["pixel", "stable-diffusion"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Selection = Literal["typical", "least", "random"]
+View = Literal["whole", "centre-crop"]
 TranslationPresetName = Literal["fast", "reference"]
 
 
@@ -49,7 +50,9 @@ def check_catalog(names: tuple, declared) -> None:
 #: Per-backend training defaults: the pixel model is trained from scratch on small crops; Stable
 #: Diffusion is fine-tuned at its native 512 px with the paper's batch of 8 (docs/method.md).
 BACKEND_DEFAULTS = {"pixel": dict(resolution=32, steps=1500, batch_size=32, size="small"),
-                    "stable-diffusion": dict(resolution=512, steps=5000, batch_size=8)}
+                    # Stable Diffusion scores the centre square for now: whole views need its
+                    # sides rounded to 64 px (issue 13, item 5).
+                    "stable-diffusion": dict(resolution=512, steps=5000, batch_size=8, view="centre-crop")}
 
 
 class TrainConfig(Params):
@@ -57,7 +60,15 @@ class TrainConfig(Params):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
+    #: the side of the square crops the model trains on
     resolution: int = Field(gt=0)
+    #: images are resized so their shorter side is this before crops are taken, and scored
+    #: whole at this size; None: the resolution
+    image_size: int | None = Field(None, gt=0)
+    #: how scoring sees an image: "whole" (every pixel, any aspect ratio) or "centre-crop"
+    #: (the square at the centre, how models trained before image sizes existed were scored;
+    #: migration 0003 marks them so)
+    view: View = "whole"
     steps: int = Field(ge=0)  # 0: the model before fine-tuning, as a baseline
     batch_size: int = Field(gt=0)
     seed: int = 0
@@ -86,11 +97,18 @@ class TrainConfig(Params):
             raise ValueError(f"unknown backend {backend!r}; choose one of {catalog.BACKENDS}")
         given = {k: v for k, v in given.items() if v is not None}
         config = cls(**{**BACKEND_DEFAULTS[backend], **given})
+        if config.image_size is not None and config.image_size < config.resolution:
+            raise ValueError(f"image size {config.image_size} is smaller than the training crops "
+                             f"(resolution {config.resolution})")
         if config.processes and config.batch_size % config.processes:
             # Launched training gives every process an equal slice of the global batch.
             raise ValueError(f"batch size {config.batch_size} does not split evenly over "
                              f"{config.processes} processes")
         return config
+
+    @property
+    def scoring_size(self) -> int:
+        return self.image_size or self.resolution
 
     @property
     def learning_rate(self) -> float:
@@ -142,6 +160,8 @@ class RunParams(Params):
     all_labels: bool = False
     seed: int = 0
     precision: Precision = "fp32"
+    #: score images resized to this shorter side; None: the model's image size
+    image_size: int | None = Field(None, gt=0)
     #: images per resumable scoring shard
     shard_size: int = Field(64, ge=1)
     mine: MineOptions = MineOptions()

@@ -29,6 +29,7 @@ def test_literal_types_list_the_catalogs_names():
     params.check_catalog(tuple(catalog.TYPICALITY_PRESETS), params.Preset)
     params.check_catalog(tuple(catalog.TRANSLATION_PRESETS), params.TranslationPresetName)
     params.check_catalog(catalog.BACKENDS, params.Backend)
+    params.check_catalog(catalog.VIEWS, params.View)
     params.check_catalog(catalog.PRECISIONS, params.Precision)
     params.check_catalog(catalog.SELECTIONS, params.Selection)
     assert set(BACKEND_DEFAULTS) == set(catalog.BACKENDS)

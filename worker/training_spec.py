@@ -34,7 +34,7 @@ def build_training(spec: dict, device: str):
     config = TrainConfig.model_validate(spec["config"])
     denoiser = build_denoiser(spec["backend"], spec["labels"], config, device)
     dataset = ImageDataset(spec["paths"], multi_hot(spec["label_indices"], len(spec["labels"])),
-                           resolution=config.resolution, train=True)
+                           resolution=config.resolution, image_size=config.image_size, train=True)
     return denoiser, dataset
 
 

@@ -33,7 +33,8 @@ def cmd_train(args, settings: Settings) -> dict:
 
 def train_options(args) -> dict:
     return dict(dataset=args.dataset, label_set=args.label_set, backend=args.backend, seed=args.seed,
-                base=args.base, resolution=args.resolution, steps=args.steps,
+                base=args.base, resolution=args.resolution, image_size=args.image_size, view=args.view,
+                steps=args.steps,
                 batch_size=args.batch_size, size=args.size, lr=args.lr,
                 checkpoint_every=args.checkpoint_every, processes=args.processes,
                 accelerate_config=args.accelerate_config and os.path.abspath(args.accelerate_config))
@@ -78,7 +79,8 @@ def run_params(args) -> RunParams:
     """`score`'s options (and `run`'s, with its mining options)."""
     mine = mine_options(args) if hasattr(args, "per_label") else MineOptions()
     return RunParams(preset=args.preset, draws=args.draws, precision=args.precision,
-                     all_labels=args.all_labels, seed=args.seed, shard_size=args.shard_size, mine=mine)
+                     all_labels=args.all_labels, seed=args.seed, shard_size=args.shard_size,
+                     image_size=args.image_size, mine=mine)
 
 
 @command("artifact")
@@ -165,7 +167,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("dataset")
     # One --seed for the three steps, after the flags of train and score.
     add_train_flags(run, seed=False)
-    add_score_flags(run, seed=False)
+    add_score_flags(run, seed=False, image_size=False)
     run.add_argument("--seed", type=int, default=0)
     add_mine_flags(run)
     add_queue_flags(run)
@@ -183,7 +185,14 @@ def add_train_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> No
     parser.add_argument("--label-set", help="which label set (default: the only one)")
     parser.add_argument("--backend", choices=catalog.BACKENDS, default="pixel")
     parser.add_argument("--base", help="weights to start from: a model folder (or SD folder/hub id)")
-    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--resolution", type=int, help="side of the square crops the model trains on "
+                        "(pixel default 32)")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="resize images so their shorter side is N: training crops are taken from "
+                             "them and scoring sees every pixel at that size (default: the resolution)")
+    parser.add_argument("--view", choices=catalog.VIEWS,
+                        help="how scoring sees an image: whole (default: every pixel, any shape) or "
+                             "centre-crop (the central square, as models from before image sizes)")
     parser.add_argument("--steps", type=int, help="0: the model before fine-tuning, as a baseline")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--size", choices=catalog.PIXEL_SIZES, help="pixel model width")
@@ -199,8 +208,12 @@ def add_train_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> No
                         help="an `accelerate config` file for the launch (several machines)")
 
 
-def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
-    """The options of `score`, also `run`'s (which adds its own --seed, hence seed=False)."""
+def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image_size: bool = True) -> None:
+    """The options of `score`, also `run`'s (which adds its own --seed and takes --image-size
+    from the training flags)."""
+    if image_size:
+        parser.add_argument("--image-size", type=int, metavar="N",
+                            help="score images resized to shorter side N (default: the model's image size)")
     parser.add_argument("--preset", choices=tuple(catalog.TYPICALITY_PRESETS), default="paper")
     parser.add_argument("--draws", type=int, help="override the preset's number of draws")
     parser.add_argument("--precision", choices=catalog.PRECISIONS, default="fp32",

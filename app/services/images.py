@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Image, ImageLabel, ImageScore, Label, LabelSet, MiningRun, Patch, TrainedModel
+from app.params import TrainConfig
 from app.settings import Settings
 
 
@@ -97,11 +98,16 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return (_STOPS[low] * (1 - t) + _STOPS[low + 1] * t).round().astype(np.uint8)
 
 
-def map_region(model_size: int, width: int, height: int) -> list[float]:
-    """Where a model-resolution map lies on the original image, in percent [left, top, w, h].
+def map_region(config: dict, run_params: dict, width: int, height: int) -> list[float]:
+    """Where a run's map of a (width x height) image lies on it, in percent [left, top, w, h].
 
-    Scoring resizes the shorter side to the model size and center-crops a square (as
-    worker.engine.patches._crop_geometry): the map covers that central square."""
+    A whole view covers the image. The old centre-crop view (models migrated from before image
+    sizes) resized the shorter side to the model size and cropped the central square (as
+    worker.engine.patches._crop_geometry): the map covers that square."""
+    recipe = TrainConfig.model_validate(config) if config else None
+    if recipe is None or recipe.view == "whole":
+        return [0, 0, 100, 100]
+    model_size = run_params.get("image_size") or recipe.scoring_size
     scale = model_size / min(width, height)
     resized_w, resized_h = max(model_size, round(width * scale)), max(model_size, round(height * scale))
     left, top = (resized_w - model_size) // 2, (resized_h - model_size) // 2

@@ -41,7 +41,7 @@ def create_model(session: Session, settings: Settings, *, dataset: Dataset, labe
     """A model row; `config` is TrainConfig's fields, None or absent for the backend's default."""
     recipe = TrainConfig.for_backend(backend, **config)
     model = TrainedModel(dataset_id=dataset.id, label_set_id=label_set.id, backend=backend,
-                         config=recipe.given() | {"seed": recipe.seed},
+                         config=recipe.given() | {"seed": recipe.seed, "view": recipe.view},
                          weights_dir="", status="queued")
     session.add(model)
     session.flush()
@@ -193,7 +193,18 @@ class RunRecord:
 
     @property
     def resolution(self) -> int:
+        """The side of the square crops the model trained on."""
         return int(self.config["resolution"])
+
+    @property
+    def view_size(self) -> int:
+        """The shorter side images are scored at: the run's image size, else the model's."""
+        return self.params.image_size or TrainConfig.model_validate(self.config).scoring_size
+
+    @property
+    def whole_view(self) -> bool:
+        """Scored whole (every pixel, any shape), or through the old centre square."""
+        return TrainConfig.model_validate(self.config).view == "whole"
 
     @property
     def label_ids(self) -> list[int]:

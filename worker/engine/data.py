@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -59,6 +60,16 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] float in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def pad_to_multiple(latents: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad [B, C, h, w] on the right and bottom, by reflection, up to multiples of `multiple`."""
+    height, width = latents.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return latents
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(latents, (0, pad_w, 0, pad_h), mode=mode)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import pad_to_multiple
 from .denoiser import ConditionalDenoiser
 
 #: DIFT-161: the timestep on the 1000-step scale, the number of noise draws, the UNet block.
@@ -123,6 +124,9 @@ def patch_features(denoiser: ConditionalDenoiser, images: torch.Tensor, conditio
     """
     if len(boxes) != len(images):
         raise ValueError(f"{len(images)} images but boxes for {len(boxes)}")
+    # Any image size: padded to the UNet's multiple (boxes stay where they are), so the feature
+    # grid covers the padded image.
+    images = pad_to_multiple(images, denoiser.spatial_multiple * getattr(denoiser, "vae_scale_factor", 1))
     maps = dift_feature_map(denoiser, images, conditions, **dift_options)
     size = tuple(images.shape[-2:])
     return [crop_features(feature_map, image_boxes, size) for feature_map, image_boxes in zip(maps, boxes)]

@@ -90,6 +90,14 @@ def _height_width(image_size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def image_shape_of(map_shape: Sequence[int], shorter_side: int) -> tuple[int, int]:
+    """(H, W) of the image a [h, w] map was computed on, when that image's shorter side is
+    `shorter_side`: the map itself for pixel models, 8x it for Stable Diffusion's latents."""
+    height, width = int(map_shape[0]), int(map_shape[1])
+    scale = shorter_side / min(height, width)
+    return max(shorter_side, round(height * scale)), max(shorter_side, round(width * scale))
+
+
 # --- scores -------------------------------------------------------------------------------------
 def patch_scores(diff_map: torch.Tensor, image_size: int | Sequence[int], patch_size: int) -> torch.Tensor:
     """Mean typicality of every k x k box: [h', w'] or [B, h', w'] -> [H-k+1, W-k+1] (or [B, ...]).

@@ -37,8 +37,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .data import pad_to_multiple
 from .denoiser import ConditionalDenoiser
 from .presets import PAPER, TypicalityPreset
 from .timesteps import sample_timesteps
@@ -184,7 +184,7 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
     batch, conditions_per_draw = len(latents), len(condition_sets)
     device = latents.device
     height, width = latents.shape[-2:]
-    latents = _pad_to_multiple(latents, denoiser.spatial_multiple)
+    latents = pad_to_multiple(latents, denoiser.spatial_multiple)
     timesteps, noise, weights = draw_timesteps_and_noise(preset, seed, latents.shape[1:])
     timesteps, noise, weights = timesteps.to(device), noise.to(device, latents.dtype), weights.to(device)
     conditions = torch.stack(condition_sets, dim=1).to(device)  # [B, J, L]
@@ -220,16 +220,6 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             if len(active) == 0:
                 break
     return per_draw, map_sums, used
-
-
-def _pad_to_multiple(latents: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad [B, C, h, w] on the right and bottom, by reflection, up to multiples of `multiple`."""
-    height, width = latents.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if not (pad_h or pad_w):
-        return latents
-    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-    return F.pad(latents, (0, pad_w, 0, pad_h), mode=mode)
 
 
 def _rows_per_call(denoiser: ConditionalDenoiser, preset: TypicalityPreset, shape) -> int:

@@ -56,7 +56,10 @@ def run_evaluate(context: JobContext) -> dict:
     denoiser = load_trained(context, record.model_id, record.weights)
     result = holdout_accuracy(context, denoiser, label_set_id=record.label_set_id, draws=job.draws,
                               max_images=job.max_images, seed=record.params.seed)
-    result.update(box_metrics(context, run_id, record.label_set_id, record.resolution))
+    from worker.engine.data import View
+
+    view = View(record.view_size, whole=record.whole_view)
+    result.update(box_metrics(context, run_id, record.label_set_id, view))
     result.update(mark_overlap(context, run_id))
     with session_scope(context.settings) as session:
         run = session.get(MiningRun, run_id)
@@ -64,7 +67,7 @@ def run_evaluate(context: JobContext) -> dict:
     return {"run": run_id, **result}
 
 
-def box_metrics(context: JobContext, run_id: int, label_set_id: int, resolution: int) -> dict:
+def box_metrics(context: JobContext, run_id: int, label_set_id: int, view) -> dict:
     """AUC-PR of the per-pixel typicality map against region boxes (the paper's X-ray metric).
 
     A box labeled with one of the label set's names is scored against that label's map; an
@@ -93,10 +96,11 @@ def box_metrics(context: JobContext, run_id: int, label_set_id: int, resolution:
                  if names.get(b[4] if len(b) > 4 else None, label_id) == label_id]
         if not boxes:
             continue
-        heat = upsampled_map(context.settings, map_path, resolution)
+        heat = upsampled_map(context.settings, map_path, view.shape_of((width, height)))
         mask = np.zeros_like(heat, dtype=bool)
         for box in boxes:
-            x0, y0, x1, y1 = (int(round(v)) for v in box_to_model(box[:4], resolution, (width, height)))
+            x0, y0, x1, y1 = (int(round(v)) for v in box_to_model(box[:4], view.size, (width, height),
+                                                                  whole=view.whole))
             mask[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
         truths.append(mask.ravel())
         scores.append(heat.ravel())
@@ -107,15 +111,16 @@ def box_metrics(context: JobContext, run_id: int, label_set_id: int, resolution:
             "box_positive_rate": float(truth.mean()), "box_images": len(truths)}
 
 
-def upsampled_map(settings, map_path: str, resolution: int):
+def upsampled_map(settings, map_path: str, shape: tuple[int, int]):
+    """The stored map resized to the (H, W) view it was computed on."""
     import numpy as np
     from PIL import Image as PILImage
 
     file, key = map_path.rsplit(":", 1)
     with np.load(settings.home_dir / file) as data:
         small = data[key].astype(np.float32)
-    return np.asarray(PILImage.fromarray(small, mode="F").resize((resolution, resolution),
-                                                                 PILImage.Resampling.BILINEAR))
+    height, width = shape
+    return np.asarray(PILImage.fromarray(small, mode="F").resize((width, height), PILImage.Resampling.BILINEAR))
 
 
 def mark_overlap(context: JobContext, run_id: int) -> dict:

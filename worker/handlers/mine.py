@@ -33,6 +33,7 @@ class RunInfo:
     """What every stage needs to know about the run, read once."""
 
     def __init__(self, context: JobContext, run_id: int):
+        from worker.engine.data import View
         from worker.engine.patches import default_patch_size
 
         with session_scope(context.settings) as session:
@@ -41,9 +42,11 @@ class RunInfo:
         self.run_id, self.params, self.seed = run_id, record.params, record.params.seed
         self.labels, self.ordinal = list(record.labels), record.ordinal
         self.stages_done = set(record.stages_done)
-        self.model_id, self.weights, self.resolution = record.model_id, record.weights, record.resolution
+        self.model_id, self.weights = record.model_id, record.weights
+        # How the score job saw each image (docs/method.md): its shorter side, whole or cropped.
+        self.view = View(record.view_size, whole=record.whole_view)
         self.dir = context.settings.runs_dir / str(run_id)
-        self.patch_size = mine.patch_size or default_patch_size(self.resolution)
+        self.patch_size = mine.patch_size or default_patch_size(self.view.size)
         self.per_label, self.per_image, self.clusters = mine.per_label, mine.per_image, mine.clusters
         # "typical" is the method; "least" (-T) and "random" are its baselines, same pipeline.
         self.selection, self.merge_threshold = mine.selection, mine.merge_threshold
@@ -107,13 +110,14 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
     def candidates():
         for number, shard in enumerate(shards, 1):
             with np.load(shard) as data:
-                keys = list(data.files)
-                maps = torch.from_numpy(np.stack([data[k] for k in keys]).astype(np.float32))
-            scores = P.patch_scores(maps, info.resolution, info.patch_size)
-            for key, boxes in zip(keys, select_boxes(scores)):
-                image_id, label_id = map(int, key.split("_"))
-                for box in boxes:
-                    yield label_id, box.score, (image_id, tuple(box[:4]))
+                maps = {key: torch.from_numpy(data[key].astype(np.float32)) for key in data.files}
+            for keys, stacked in same_shape_groups(maps):
+                scores = P.patch_scores(stacked, P.image_shape_of(stacked.shape[-2:], info.view.size),
+                                        info.patch_size)
+                for key, boxes in zip(keys, select_boxes(scores)):
+                    image_id, label_id = map(int, key.split("_"))
+                    for box in boxes:
+                        yield label_id, box.score, (image_id, tuple(box[:4]))
             context.progress(number, len(shards), "best boxes per image", stage="patches")
             context.check()
 
@@ -138,7 +142,7 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
         rows = []
         for label_id, kept in best.items():
             for score, (image_id, box) in kept:
-                x0, y0, x1, y1 = P.box_to_original(box, info.resolution, sizes[image_id])
+                x0, y0, x1, y1 = P.box_to_original(box, info.view.size, sizes[image_id], whole=info.view.whole)
                 rows.append(dict(run_id=info.run_id, image_id=image_id, label_id=label_id,
                                  x0=math.floor(x0), y0=math.floor(y0), x1=math.ceil(x1),
                                  y1=math.ceil(y1), score=score))
@@ -179,7 +183,7 @@ def mine_features(context: JobContext, info: RunInfo) -> None:
     from worker.pieces import run_pieces
 
     parts = feature_parts(context, info)
-    options = dict(num_labels=len(info.labels), resolution=info.resolution, seed=info.seed)
+    options = dict(num_labels=len(info.labels), view=info.view, seed=info.seed)
     run_pieces(context, parts, executor(context, model_id=info.model_id, weights=info.weights,
                                         compute=compute_feature_part, options=options,
                                         name="features"),
@@ -206,25 +210,29 @@ def feature_parts(context, info: RunInfo) -> list[tuple[Path, FeaturePart]]:
         parts.append((parts_dir / f"part-{start:09d}.npz", FeaturePart(
             paths=[images[image_id][0] for image_id, _, _ in batch],
             label_indices=[label_index[label_id] for _, label_id, _ in batch],
-            boxes=[[clip_box(box_to_model(box, info.resolution, images[image_id][1]),
-                             info.resolution) for _, box in members]
+            boxes=[[clip_box(box_to_model(box, info.view.size, images[image_id][1], whole=info.view.whole),
+                             info.view.shape_of(images[image_id][1])) for _, box in members]
                    for image_id, _, members in batch],
             patch_ids=[[patch_id for patch_id, _ in members] for _, _, members in batch])))
     return parts
 
 
-def compute_feature_part(denoiser, part: FeaturePart, *, num_labels: int, resolution: int,
-                         seed: int) -> np.ndarray:
-    """[patches, C] float32 DIFT features of a part's patches, in `patch_ids` order."""
+def compute_feature_part(denoiser, part: FeaturePart, *, num_labels: int, view, seed: int) -> np.ndarray:
+    """[patches, C] float32 DIFT features of a part's patches, in `patch_ids` order: one DIFT
+    map per image over the whole view, images of one shape in one batch."""
     import torch
 
-    from worker.engine.data import load_views, multi_hot
+    from worker.engine.data import load_view_groups, multi_hot
     from worker.engine.dift import patch_features
 
-    pixels = load_views(part.paths, resolution)
     conditions = multi_hot(part.label_indices, num_labels)
-    features = patch_features(denoiser, pixels, conditions, part.boxes, seed=seed)
-    return torch.cat(features).cpu().numpy().astype(np.float32)
+    per_image: list = [None] * len(part.paths)
+    for indices, pixels in load_view_groups(part.paths, view):
+        features = patch_features(denoiser, pixels, conditions[indices], [part.boxes[i] for i in indices],
+                                  seed=seed)
+        for i, rows in zip(indices, features):
+            per_image[i] = rows
+    return torch.cat(per_image).cpu().numpy().astype(np.float32)
 
 
 def write_feature_part(path: Path, part: FeaturePart, features: np.ndarray) -> None:
@@ -233,10 +241,22 @@ def write_feature_part(path: Path, part: FeaturePart, features: np.ndarray) -> N
     os.replace(temporary, path)
 
 
-def clip_box(box, size: int) -> tuple[float, float, float, float]:
-    """Original-pixel boxes are rounded outward; clip them back inside the model's view."""
+def clip_box(box, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Original-pixel boxes are rounded outward; clip them back inside the model's (H, W) view."""
     x0, y0, x1, y1 = box[:4]
-    return max(0.0, x0), max(0.0, y0), min(float(size), x1), min(float(size), y1)
+    height, width = shape
+    return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+
+
+def same_shape_groups(maps: dict) -> list[tuple[list, object]]:
+    """{key: [h, w] map} -> [(keys, [B, h, w])], one stack per map shape (whole views of photos
+    come in a few aspect ratios; a square view in one)."""
+    import torch
+
+    groups: dict[tuple, list] = defaultdict(list)
+    for key, value in maps.items():
+        groups[tuple(value.shape)].append(key)
+    return [(keys, torch.stack([maps[k] for k in keys])) for keys in groups.values()]
 
 
 def write_index(context, info: RunInfo, parts: list[Path]) -> None:
@@ -414,8 +434,8 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     draws (one all-label typicality map per member image), each member's box read from those
     maps as in patch selection, and the median over members stored as `Cluster.trend`."""
 
-    from worker.engine.data import load_views
-    from worker.engine.patches import model_top_left, patch_scores
+    from worker.engine.data import load_view_groups
+    from worker.engine.patches import image_shape_of, model_top_left, patch_scores
     from worker.engine.typicality import label_scores
     from worker.handlers.score import preset_for
 
@@ -437,16 +457,17 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     per_cluster: dict[int, list[np.ndarray]] = defaultdict(list)
     for start in range(0, len(images), FEATURE_BATCH):
         batch = images[start:start + FEATURE_BATCH]
-        pixels = load_views([context.settings.home_dir / members[0].stored_path
-                             for members in batch], info.resolution)
-        scores = label_scores(denoiser, pixels, preset, seed=info.seed, maps=True)
-        for members, maps in zip(batch, scores.maps):
-            grid = patch_scores(maps, info.resolution, info.patch_size)  # [L, Hs, Ws]
-            for m in members:
-                x, y = model_top_left((m.x0, m.y0, m.x1, m.y1), info.resolution,
-                                      (m.width, m.height), info.patch_size)
-                x, y = min(max(x, 0), grid.shape[2] - 1), min(max(y, 0), grid.shape[1] - 1)
-                per_cluster[m.cluster_id].append(grid[:, y, x].numpy())
+        paths = [context.settings.home_dir / members[0].stored_path for members in batch]
+        for indices, pixels in load_view_groups(paths, info.view):
+            scores = label_scores(denoiser, pixels, preset, seed=info.seed, maps=True)
+            for members, maps in zip([batch[i] for i in indices], scores.maps):
+                grid = patch_scores(maps, image_shape_of(maps.shape[-2:], info.view.size),
+                                    info.patch_size)  # [L, Hs, Ws]
+                for m in members:
+                    x, y = model_top_left((m.x0, m.y0, m.x1, m.y1), info.view.size, (m.width, m.height),
+                                          info.patch_size, whole=info.view.whole)
+                    x, y = min(max(x, 0), grid.shape[2] - 1), min(max(y, 0), grid.shape[1] - 1)
+                    per_cluster[m.cluster_id].append(grid[:, y, x].numpy())
         context.progress(min(start + FEATURE_BATCH, len(images)), len(images),
                          "typicality of cluster members under every label", stage="trends")
         context.check()

@@ -51,8 +51,11 @@ def run_score(context: JobContext) -> dict:
                                .where(ImageLabel.label_id.in_(record.label_ids)))
     maps_dir = settings.runs_dir / str(run_id) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
+    from worker.engine.data import View
+
+    view = View(record.view_size, whole=record.whole_view)
     execute = executor(context, model_id=record.model_id, weights=record.weights, compute=compute_shard,
-                       options=dict(label_ids=record.label_ids, params=record.params), name="score")
+                       options=dict(label_ids=record.label_ids, params=record.params, view=view), name="score")
 
     def write(path, shard, scores):
         write_shard(settings, shard, path, run_id=run_id, scores=scores)
@@ -112,19 +115,22 @@ def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
         after_id = shard[-1].image_id
 
 
-def compute_shard(denoiser, shard: list[Example], label_ids: list[int],
-                  params: RunParams) -> ShardScores:
+def compute_shard(denoiser, shard: list[Example], label_ids: list[int], params: RunParams,
+                  view=None) -> ShardScores:
     """Typicality of a shard's images under their own labels (and every label with all_labels),
-    with a map for every row."""
+    with a map for every row, each image seen through `view` (default: the centre square at the
+    model's resolution); images of one shape are scored in one batch."""
+    from worker.engine.data import View, load_view_groups
 
-    from worker.engine.data import load_views
-
+    view = view or View(denoiser_resolution(denoiser), whole=False)
     preset, seed = preset_for(params, denoiser), params.seed
-    images = load_views([e.path for e in shard], denoiser_resolution(denoiser))
     scores = ShardScores(maps={}, records=[])
-    records = own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores.maps)
-    if params.all_labels:
-        every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores, records)
+    records: dict = {}
+    for indices, images in load_view_groups([e.path for e in shard], view):
+        group = [shard[i] for i in indices]
+        records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores.maps))
+        if params.all_labels:
+            every_label_scores(denoiser, group, images, label_ids, preset, seed, scores, records)
     scores.records = list(records.values())
     return scores
 

@@ -56,11 +56,9 @@ def image_page(request: Request, image_id: int, session: SessionDep, run: int | 
                 raise HTTPException(404, f"Run {run} has no label {label}.")
             data["label"] = {"id": label, "name": score["label"], "has_map": score["has_map"]}
             if score["has_map"]:
-                size = int((info["model"]["config"] or {}).get("resolution") or 0)
-                data["heatmap"] = {
-                    "url": f"/heatmaps/{run}/{image_id}/{label}.png",
-                    "region": map_region(size, image["width"], image["height"]) if size
-                    else [0, 0, 100, 100]}
+                data["heatmap"] = {"url": f"/heatmaps/{run}/{image_id}/{label}.png",
+                                   "region": map_region(info["model"]["config"] or {}, info["params"] or {},
+                                                        image["width"], image["height"])}
     credit = TWEMOJI_CREDIT if dataset.source == "builtin:twemoji" else None
     return render(request, "image.html", {"data": data, "credit": credit})
 
