@@ -16,7 +16,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
     response = client.post("/datasets/1/runs", data={
         "csrf_token": token, "preset": "fast", "backend": "pixel", "steps": "20", "draws": "4",
         "size": "tiny", "per_label": "20", "clusters": "3", "all_labels": "1", "precision": "fp16",
-        "processes": "2", "batch_size": "8"})
+        "processes": "2", "batch_size": "8", "image_size": "48"})
     assert response.status_code == 200 and response.url.path == "/jobs/4"
     with session_scope(mined_settings) as session:
         job = session.get(Job, 4)
@@ -25,6 +25,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
         run = session.get(MiningRun, job.params["run_id"])
         assert model.config["steps"] == 20 and model.config["size"] == "tiny"
         assert model.config["processes"] == 2 and model.config["batch_size"] == 8
+        assert model.config["image_size"] == 48 and model.config["view"] == "whole"
         assert run.params["draws"] == 4 and run.params["all_labels"] and run.params["precision"] == "fp16"
         assert run.params["mine"] == {"per_label": 20, "clusters": 3}
     home = client.get("/.json").json()

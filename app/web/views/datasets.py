@@ -98,6 +98,7 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
                         precision=form.get("precision") or "fp32", mine=mine)
         config = {"steps": _int(form, "steps", 1, 10_000_000),
                   "resolution": _int(form, "resolution", 8, 4096),
+                  "image_size": _int(form, "image_size", 8, 8192),
                   "batch_size": _int(form, "batch_size", 1, 4096),
                   "processes": _int(form, "processes", 1, 1024),
                   "size": size if backend == "pixel" else None,
