@@ -50,11 +50,13 @@ SIZES: dict[str, dict] = {
 RESOLUTIONS = (32, 64)
 
 
-def unet_config(resolution: int, size: str = "small") -> dict:
+def unet_config(resolution: int, size: str = "small", attention: bool = True) -> dict:
     """UNet2DModel kwargs for a size name: down-sample to 8x8 and attend only there.
 
     Attention is quadratic in the number of pixels, so it is kept at the coarsest level (64
     tokens); 64 px models get one more level than 32 px ones instead of attention at 16x16.
+    `attention=False` makes the UNet purely convolutional: what it learns from a crop holds at
+    every position and every image size (bench/bench_image_size.py measures the difference).
     """
     if resolution not in RESOLUTIONS:
         raise ValueError(f"pixel backend supports resolutions {RESOLUTIONS}, got {resolution}")
@@ -69,8 +71,8 @@ def unet_config(resolution: int, size: str = "small") -> dict:
         out_channels=3,
         layers_per_block=1,
         block_out_channels=widths,
-        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
-        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D" if attention else "DownBlock2D",),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D",) + ("UpBlock2D",) * (levels - 1),
         norm_num_groups=SIZES[size]["norm_num_groups"],
         attention_head_dim=SIZES[size]["attention_head_dim"],
         class_embed_type="identity",
@@ -102,11 +104,11 @@ class PixelDenoiser(ConditionalDenoiser):
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def create(cls, labels: list[str], resolution: int = 32, size: str = "small",
-               seed: int = 0) -> PixelDenoiser:
+               seed: int = 0, attention: bool = True) -> PixelDenoiser:
         """A freshly initialised model; the same seed gives the same weights."""
         with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
             torch.manual_seed(seed)
-            unet = UNet2DModel(**unet_config(resolution, size))
+            unet = UNet2DModel(**unet_config(resolution, size, attention))
             return cls(labels, unet, size=size)
 
     @property

@@ -33,6 +33,6 @@ def load_denoiser(folder: str | Path, device: str | torch.device = "cpu") -> Con
 
 
 def create_pixel_denoiser(labels: list[str], resolution: int = 32, seed: int = 0,
-                          size: str = "small") -> PixelDenoiser:
+                          size: str = "small", attention: bool = True) -> PixelDenoiser:
     """A freshly initialised pixel denoiser (sizes: see `pixel.SIZES`)."""
-    return PixelDenoiser.create(labels, resolution=resolution, size=size, seed=seed)
+    return PixelDenoiser.create(labels, resolution=resolution, size=size, seed=seed, attention=attention)
