@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 20 * 2**30
     max_zip_entries: int = 2_000_000
     max_zip_ratio: float = 200.0
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = Field(64_000_000, description="largest image, in pixels, checked "
+                                  "before it is decoded; decoding takes at most 8 bytes a pixel")
+    max_file_bytes: int = Field(256 * 2**20, description="largest single file of an upload (an "
+                                "image, a manifest): each is read into memory whole")
     min_images_per_label: int = 5
     thumbnail_px: int = 128
 

@@ -62,7 +62,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     ingest.add_argument("--name", help="dataset name (default: the builtin's name for builtin:NAME, "
                                        "the file name without its suffix for a zip or CSV, the "
                                        "folder's name for a folder)")
-    ingest.add_argument("--manifest", help="CSV or JSONL manifest (default: manifest.csv/.jsonl in the source)")
+    ingest.add_argument("--manifest", help="CSV, TSV, JSONL or JSON manifest, read by its suffix "
+                        "(else sniffed) (default: manifest.csv/.jsonl in the source)")
     ingest.add_argument("--path-column")
     ingest.add_argument("--label-column", action="append", help="repeatable: one label set each")
     ingest.add_argument("--bin", type=int, help="bin numeric labels into ranges of this many years")

@@ -17,12 +17,12 @@ from sqlalchemy.engine import make_url
 
 from app.db import engine_for, session_scope, upgrade
 from app.ingest.builtin import builtin_source
-from app.ingest.entries import Entry, LabelSetSpec
+from app.ingest.entries import Entry, LabelSetSpec, label_name
 from app.ingest.errors import IngestError
 from app.ingest.images import check_image, content_path, thumb_suffix, write_thumbnail
 from app.ingest.manifest import ManifestOptions
 from app.ingest.plant import Mark, plant_marks
-from app.ingest.sources import ZipLimits, open_source
+from app.ingest.sources import open_source, source_limits
 from app.models import Dataset, Image, ImageLabel, Label, LabelSet
 from app.settings import Settings
 
@@ -78,10 +78,15 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
         else:
             options = ManifestOptions(path_column=path_column, label_columns=list(label_columns),
                                       bin_years=bin_years, multi_sep=multi_sep)
-            limits = ZipLimits(settings.max_zip_entries, settings.max_upload_bytes,
-                               settings.max_zip_ratio)
             entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
-                                                options=options, limits=limits, in_place=in_place)
+                                                options=options, limits=source_limits(settings),
+                                                in_place=in_place,
+                                                manifest_name=_manifest_name(settings, manifest))
+        try:
+            entries, specs = _named_labels(entries, specs)
+        except BaseException:
+            close()
+            raise
         if plant_mark:
             entries = plant_marks(entries, Mark(plant_mark, plant_fraction, plant_size, seed))
         # A job passes its own key, so a retry after a killed worker clears the dead attempt's files.
@@ -91,6 +96,7 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
             kept, duplicates = _stage_images(settings, entries, staging, progress)
             label_sets = _label_sets(kept, specs, min_images_per_label or settings.min_images_per_label)
             _assign_holdout(kept, next(iter(label_sets)), holdout, seed)
+            _check_every_label_trains(kept, label_sets, holdout)
             _commit(settings, name=name, source=source, in_place=in_place, kept=kept,
                     label_sets=label_sets, specs=specs, staging=staging)
         finally:
@@ -157,6 +163,28 @@ def _remove_if_empty(folder: Path) -> None:
         pass  # not empty (another ingest or an upload is staging there) or already gone
 
 
+def _manifest_name(settings: Settings, manifest: str | None) -> str | None:
+    """What errors call a manifest given by path: the path as given, or for a manifest uploaded
+    on the web (staged in the data folder), the file's name as the browser sent it."""
+    if manifest is None:
+        return None
+    if Path(manifest).resolve().is_relative_to(settings.staging_dir):
+        return Path(manifest).name
+    return manifest
+
+
+def _named_labels(entries: list[Entry], specs: dict[str, LabelSetSpec]
+                  ) -> tuple[list[Entry], dict[str, LabelSetSpec]]:
+    """Label and label-set names in Unicode NFC and within MAX_LABEL_CHARS, from every source
+    (folder names, manifest cells and columns, builtins), before any image is read."""
+    for entry in entries:
+        entry.labels = {label_name(set_name, path=entry.path, what="label set"):
+                        [label_name(label, path=entry.path) for label in labels]
+                        for set_name, labels in entry.labels.items()}
+    return entries, {label_name(set_name, path=set_name, what="label set"): spec
+                     for set_name, spec in specs.items()}
+
+
 def _check_name(name: str) -> str:
     name = (name or "").strip()
     if not name or len(name) > 200 or any(ord(ch) < 32 for ch in name):
@@ -177,6 +205,9 @@ def _stage_images(settings: Settings, entries: list[Entry], staging: Path,
             duplicates.append((entry.path, kept[checked.sha256].entry.path))
         else:
             kept[checked.sha256] = _stage_one(settings, entry, data, checked, staging)
+        # Let go of this image's pixels and bytes before the next one is read (a rebinding
+        # would keep them alive while the next image decodes).
+        del data, checked
         if progress:
             progress(number, len(entries))
     return list(kept.values()), duplicates
@@ -195,7 +226,7 @@ def _stage_one(settings, entry: Entry, data: bytes, checked, staging: Path) -> _
         if not (settings.home_dir / stored).exists():
             target = staging / stored
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(checked.stored_bytes or data)
+            checked.write(target, data)
     # An image already thumbnail-sized (and inside the data folder) is its own thumbnail.
     if small and entry.in_place_path is None:
         thumb_rel = stored
@@ -253,6 +284,23 @@ def _assign_holdout(kept: list[_Kept], primary_set: str, fraction: float, seed: 
         count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) > 1 else 0
         for item in members[:count]:
             item.split = "holdout"
+
+
+def _check_every_label_trains(kept: list[_Kept], label_sets: dict[str, Counter],
+                              fraction: float) -> None:
+    """A model may be trained on any label set: each of its labels needs a training image."""
+    training: dict[str, Counter] = defaultdict(Counter)
+    for item in kept:
+        if item.split == "train":
+            for set_name, labels in item.entry.labels.items():
+                training[set_name].update(set(labels))
+    for set_name, counter in label_sets.items():
+        for label in sorted(counter):
+            if not training[set_name][label]:
+                raise IngestError(
+                    f"holdout fraction {fraction} leaves label {label!r} (label set {set_name!r}) "
+                    f"with no training images: all {counter[label]} of its images are held out; "
+                    f"use a smaller holdout fraction" + (" or another seed" if len(label_sets) > 1 else ""))
 
 
 def _commit(settings: Settings, *, name, source, in_place, kept, label_sets, specs, staging) -> None:

@@ -19,7 +19,10 @@ from app.ingest.manifest import ManifestOptions, entries_from_manifest, find_man
 from app.ingest.paths import is_ignored, safe_relpath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-MANIFEST_SUFFIXES = {".csv", ".jsonl"}
+#: compression methods zipfile reads (stored, deflate, bzip2, lzma)
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+#: general-purpose flag bits of a zip entry that zipfile cannot read without a password or at all
+ZIP_ENCRYPTED, ZIP_PATCHED, ZIP_STRONG_ENCRYPTION = 0x1, 0x20, 0x40
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class ZipLimits:
     max_entries: int
     max_total_bytes: int
     max_ratio: float
+    #: one file (an image, a manifest) is read into memory whole: a larger one is refused unread
+    max_file_bytes: int
+
+
+def source_limits(settings) -> ZipLimits:
+    return ZipLimits(settings.max_zip_entries, settings.max_upload_bytes, settings.max_zip_ratio,
+                     settings.max_file_bytes)
 
 
 # --- zips ---------------------------------------------------------------------------------
@@ -39,6 +49,17 @@ def check_zip(archive: zipfile.ZipFile, limits: ZipLimits) -> list[zipfile.ZipIn
         safe_relpath(info.filename)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise IngestError("symbolic links are not accepted in a zip", path=info.filename)
+        if info.flag_bits & (ZIP_ENCRYPTED | ZIP_STRONG_ENCRYPTION):
+            raise IngestError("the zip entry is encrypted (password-protected); zip the files "
+                              "again without a password", path=info.filename)
+        if info.compress_type not in ZIP_METHODS or info.flag_bits & ZIP_PATCHED:
+            raise IngestError(f"the zip entry uses compression method {info.compress_type}"
+                              f"{' (patched data)' if info.flag_bits & ZIP_PATCHED else ''}, which "
+                              f"is not supported; zip the files again with the usual method "
+                              f"(deflate)", path=info.filename)
+        if info.file_size > limits.max_file_bytes:
+            raise IngestError(f"file is {info.file_size} bytes, more than the limit of "
+                              f"{limits.max_file_bytes} for one file", path=info.filename)
         if info.file_size > 1_000_000 and info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise IngestError(
                 f"compression ratio {info.file_size / max(info.compress_size, 1):.0f}:1 "
@@ -60,6 +81,8 @@ def _zip_reader(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[],
         except (zipfile.BadZipFile, zlib.error, EOFError) as error:
             raise IngestError(f"corrupt zip entry ({error}); its size or checksum does not match "
                               "its header", path=info.filename) from None
+        except (RuntimeError, NotImplementedError) as error:  # check_zip refuses what it knows
+            raise IngestError(f"the zip entry cannot be read ({error})", path=info.filename) from None
     return read
 
 
@@ -69,8 +92,9 @@ def zip_files(archive: zipfile.ZipFile, limits: ZipLimits) -> dict[str, Callable
 
 
 # --- folders ------------------------------------------------------------------------------
-def folder_files(root: Path) -> dict[str, Path]:
-    """Every regular file under root, by relative path; symlinks are refused, not followed."""
+def folder_files(root: Path, *, max_file_bytes: int) -> dict[str, Path]:
+    """Every regular file under root, by relative path; symlinks are refused, not followed, and
+    so is a file larger than one may be."""
     found: dict[str, Path] = {}
     stack = [root]
     while stack:
@@ -85,6 +109,10 @@ def folder_files(root: Path) -> dict[str, Path]:
                 if item.is_dir(follow_symlinks=False):
                     stack.append(Path(item.path))
                 elif item.is_file(follow_symlinks=False):
+                    size = item.stat(follow_symlinks=False).st_size
+                    if size > max_file_bytes:
+                        raise IngestError(f"file is {size} bytes, more than the limit of "
+                                          f"{max_file_bytes} for one file", path=rel)
                     found[rel] = Path(item.path)
     return dict(sorted(found.items()))
 
@@ -116,13 +144,14 @@ def entries_from_label_folders(files: dict[str, Callable[[], bytes]],
 
 
 def open_source(source: Path, *, manifest: Path | None, options: ManifestOptions,
-                limits: ZipLimits, in_place: bool
+                limits: ZipLimits, in_place: bool, manifest_name: str | None = None
                 ) -> tuple[list[Entry], dict[str, LabelSetSpec], Callable[[], None]]:
-    """Entries of a zip or folder, their label-set specs, and a function that closes the source."""
+    """Entries of a zip or folder, their label-set specs, and a function that closes the source.
+    `manifest_name` is what errors call a manifest given by a path (default: that path)."""
     if not source.exists():
         raise IngestError("no such file or folder", path=str(source))
     if source.is_dir():
-        local = folder_files(source)
+        local = folder_files(source, max_file_bytes=limits.max_file_bytes)
         files = {rel: _file_reader(p) for rel, p in local.items()}
         local_paths = local if in_place else None
         close = lambda: None  # noqa: E731
@@ -134,11 +163,13 @@ def open_source(source: Path, *, manifest: Path | None, options: ManifestOptions
     else:
         raise IngestError("not a zip file or a folder", path=str(source))
     try:
-        manifest_name, manifest_bytes = find_manifest(files, manifest)
+        manifest_key, manifest_name, manifest_bytes = find_manifest(
+            files, manifest, max_bytes=limits.max_file_bytes, display_name=manifest_name)
         if manifest_bytes is not None:
-            files.pop(manifest_name, None)
-            entries, specs = entries_from_manifest(manifest_bytes, manifest_name, files,
-                                                   local_paths, options)
+            files.pop(manifest_key, None)
+            entries, specs = entries_from_manifest(
+                manifest_bytes, manifest_name, files, local_paths, options,
+                where="the folder" if source.is_dir() else "the upload")
         else:
             entries, specs = list(entries_from_label_folders(files, local_paths)), {}
     except BaseException:

@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.ingest import IngestError, ingest_dataset
-from app.ingest.sources import ZipLimits, check_zip
+from app.ingest.manifest import MANIFEST_SUFFIXES
+from app.ingest.sources import check_zip, source_limits
 from app.jobs import enqueue
 from app.services.datasets import dataset_id_by_name
 from app.services.uploads import set_dataset_source
@@ -27,7 +28,6 @@ router = APIRouter(tags=["upload"])
 
 #: Zips up to this size are ingested within the request; larger ones by the worker.
 SYNC_INGEST_BYTES = 4 * 2**20
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json", ".tsv")
 FORM_FIELDS = ("name", "server_path", "label_column", "bin", "holdout", "in_place", "seed")
 
 
@@ -115,8 +115,7 @@ async def _ingest_or_queue(request: Request, settings, form: StreamedForm, optio
                 raise IngestError("an uploaded zip cannot be referenced in place; leave "
                                   "'in place' unticked", path=form.file_name)
             with zipfile.ZipFile(form.file_path) as archive:  # structure checks: cheap, at once
-                check_zip(archive, ZipLimits(settings.max_zip_entries, settings.max_upload_bytes,
-                                             settings.max_zip_ratio))
+                check_zip(archive, source_limits(settings))
             params["source"] = str(form.file_path)
             params["display_source"] = f"upload:{form.file_path.name}"
             if server_path:
@@ -128,7 +127,8 @@ async def _ingest_or_queue(request: Request, settings, form: StreamedForm, optio
                                   "folder its paths are relative to", path=form.file_name)
             params.update(source=server_path, manifest=str(form.file_path))
         else:
-            raise IngestError("not a zip file, nor a CSV or JSONL manifest", path=form.file_name)
+            raise IngestError("not a zip file, nor a CSV, TSV, JSONL or JSON manifest",
+                              path=form.file_name)
         if is_zip and form.size <= request.app.state.sync_ingest_bytes:
             report = await run_in_threadpool(_ingest_now, settings, params)
             shutil.rmtree(directory, ignore_errors=True)
