@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     min_images_per_label: int = 5
     thumbnail_px: int = 128
 
+    # Memory per server process (docs/security.md, "Memory per request").
+    max_inline_ingests: int = Field(1, ge=0, description="uploaded zips small enough to ingest "
+                                    "within their request that one server process ingests at "
+                                    "once; more become ingest jobs for the worker")
+    page_cache_bytes: int = Field(64 * 2**20, ge=0, description="bytes of rendered gallery pages, "
+                                  "label menus and sample lists one server process keeps (an "
+                                  "LRU; an entry above a quarter of it is not kept; 0: none)")
+
     @cached_property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()

@@ -2,12 +2,15 @@
 imports torch or runs a model."""
 from __future__ import annotations
 
+import threading
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.settings import REPO_ROOT, Settings
+from app.web.body_limit import BodyLimitMiddleware
 from app.web.deps import templates, wants_json
 from app.web.files import ImmutableFiles
 from app.web.json_twin import JsonTwinMiddleware
@@ -28,9 +31,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     app.state.settings = settings
     app.state.sync_ingest_bytes = uploads.SYNC_INGEST_BYTES
-    app.state.label_lists = {}  # rendered label menus per run (views/runs.py)
-    app.state.dataset_samples = {}  # sample thumbnails per dataset (views/datasets.py)
-    app.state.page_cache = PageCache()  # gallery pages of ready runs (web/page_cache.py)
+    # Gallery pages of ready runs, label menus, datasets' sample thumbnails: one LRU bounded
+    # by bytes (web/page_cache.py), and how many small zips are ingested within their request
+    # at once (views/uploads.py).
+    app.state.page_cache = PageCache(settings.page_cache_bytes)
+    app.state.inline_ingests = threading.BoundedSemaphore(settings.max_inline_ingests)
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
     # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
     # under a name.
@@ -42,7 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(JsonTwinMiddleware)
-    app.add_middleware(SecurityMiddleware, settings=settings)  # outermost: before anything
+    app.add_middleware(SecurityMiddleware, settings=settings)
+    app.add_middleware(BodyLimitMiddleware)  # outermost: a form's body is bounded before all
     return app
 
 

@@ -1,4 +1,5 @@
-"""A small in-process cache for the gallery's cluster pages, kept right across processes.
+"""An in-process cache for the gallery's cluster pages (and label menus, sample thumbnails),
+bounded by bytes (DIFFMINE_PAGE_CACHE_BYTES) and kept right across processes.
 
 A ready run's clusters change in two ways only: the mining job rebuilds them (which rewrites the
 run's index.faiss, and the run is not "ready" meanwhile), or someone marks a cluster as an
@@ -10,6 +11,7 @@ is not ready.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -41,21 +43,59 @@ def touch(runs_dir: Path, run_id: int) -> None:
         stamp.write(b".")
 
 
+def approximate_size(value) -> int:
+    """Roughly the bytes `value` holds in memory: sys.getsizeof of it and of everything in its
+    dicts, lists, tuples and sets, each object counted once."""
+    seen: set[int] = set()
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        total += sys.getsizeof(item)
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return total
+
+
 class PageCache:
-    def __init__(self, size: int = 2048):
-        self.size = size
-        self.items: OrderedDict = OrderedDict()
+    """An LRU bounded by the bytes it holds (`approximate_size` of each key and value), not by
+    its number of entries: a gallery page of 50 clusters with 200 members each takes about
+    10 MB, one of 5 with 10 a few tens of KB. A value larger than `max_fraction` of the bound is
+    not kept (it would push out most of the rest for one page); a bound of 0 keeps nothing."""
+
+    def __init__(self, max_bytes: int = 64 * 2**20, *, max_fraction: float = 0.25):
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = int(max_bytes * max_fraction)
+        self.items: OrderedDict = OrderedDict()  # key -> (value, its size)
+        self.bytes = 0  # the sum of the sizes held: never above max_bytes
         self.lock = threading.Lock()
 
     def get(self, key):
         with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
+            entry = self.items.get(key)
+            if entry is None:
+                return None
+            self.items.move_to_end(key)
+            return entry[0]
 
-    def put(self, key, value) -> None:
+    def put(self, key, value) -> bool:
+        """Keep `value` under `key` (pushing out the least recently used entries as needed);
+        False when it is too large to keep."""
+        size = approximate_size(key) + approximate_size(value)
         with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+            old = self.items.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            if size > self.max_entry_bytes:
+                return False
+            self.items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self.items.popitem(last=False)
+                self.bytes -= dropped
+            return True

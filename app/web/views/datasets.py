@@ -35,11 +35,14 @@ def dataset_page_data(request: Request, session, dataset) -> dict:
     # A dataset's images and labels never change after its ingest, so its sample thumbnails
     # are read once per server process (keyed with created_at: a deleted dataset's id may come
     # back); with 365 labels that took the page from 20 to 33 per second (bench_gallery.py).
-    cache, key = request.app.state.dataset_samples, (dataset.id, dataset.created_at)
-    if key not in cache:
-        cache[key] = label_samples(session, [label.id for label_set in dataset.label_sets
-                                             for label in label_set.labels])
-    data["samples"] = cache[key]
+    # They share the gallery pages' cache and its bound in bytes (web/page_cache.py).
+    cache, key = request.app.state.page_cache, ("samples", dataset.id, dataset.created_at)
+    samples = cache.get(key)
+    if samples is None:
+        samples = label_samples(session, [label.id for label_set in dataset.label_sets
+                                          for label in label_set.labels])
+        cache.put(key, samples)
+    data["samples"] = samples
     data["models"] = models_of_dataset(session, dataset_id=dataset.id)
     data["runs"] = runs_of_datasets(session, dataset_ids=[dataset.id])[dataset.id]
     return data

@@ -70,15 +70,16 @@ def recluster(request: Request, run_id: int, session: SessionDep, settings: Sett
 
 def label_lists(request: Request, run: dict, labels: list[dict], current: int) -> dict:
     """The label list and the compare menu as HTML, rendered once per run and kept (labels
-    never change once ingested): with hundreds of labels they cost more than the clusters."""
-    cache = request.app.state.label_lists
-    key = (run["id"], run["label_set"]["id"], len(labels))
-    if key not in cache:
+    never change once ingested): with hundreds of labels they cost more than the clusters.
+    They share the gallery pages' cache and its bound in bytes (web/page_cache.py)."""
+    cache = request.app.state.page_cache
+    key = ("label lists", run["id"], run["label_set"]["id"], len(labels))
+    lists = cache.get(key)
+    if lists is None:
         macros = templates.env.get_template("_label_lists.html").module
-        if len(cache) > 256:
-            cache.clear()
-        cache[key] = (str(macros.nav(run, labels)), str(macros.options(labels)))
-    nav, options = cache[key]
+        lists = (str(macros.nav(run, labels)), str(macros.options(labels)))
+        cache.put(key, lists)
+    nav, options = lists
     return {"nav": Markup(nav.replace(f'data-id="{current}"', f'data-id="{current}" class="current"', 1)),
             "options": Markup(options.replace(f'value="{current}">', f'value="{current}" disabled>', 1))}
 

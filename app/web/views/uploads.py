@@ -1,6 +1,7 @@
 """Bringing a dataset in from the browser: a zip (or a manifest for a server folder) streamed to
 disk under a size limit, or a folder path on the server. A small zip is ingested at once, so its
-errors show inline naming the bad file; anything larger becomes an "ingest" job."""
+errors show inline naming the bad file, unless DIFFMINE_MAX_INLINE_INGESTS others are being
+ingested so by this server process; anything larger, or beyond that, becomes an "ingest" job."""
 from __future__ import annotations
 
 import shutil
@@ -129,8 +130,15 @@ async def _ingest_or_queue(request: Request, settings, form: StreamedForm, optio
         else:
             raise IngestError("not a zip file, nor a CSV, TSV, JSONL or JSON manifest",
                               path=form.file_name)
-        if is_zip and form.size <= request.app.state.sync_ingest_bytes:
-            report = await run_in_threadpool(_ingest_now, settings, params)
+        # At most settings.max_inline_ingests at once per server process (each decodes images
+        # in memory); when they are all taken the upload is queued like a large one.
+        slots = request.app.state.inline_ingests
+        if is_zip and form.size <= request.app.state.sync_ingest_bytes \
+                and slots.acquire(blocking=False):
+            try:
+                report = await run_in_threadpool(_ingest_now, settings, params)
+            finally:
+                slots.release()
             shutil.rmtree(directory, ignore_errors=True)
             with session_scope(settings) as session:
                 dataset_id = dataset_id_by_name(session, report["dataset"])
