@@ -110,7 +110,8 @@ def bench_scoring(folder: Path, device: str, quick: bool) -> list[dict]:
 
 
 # --- planted -------------------------------------------------------------------------------------
-def bench_planted(folder: Path, device: str, quick: bool, steps: int, count: int, draws: int) -> dict:
+def bench_planted(folder: Path, device: str, quick: bool, steps: int, count: int, draws: int,
+                  workers: int = 0) -> dict:
     train_marked = synthetic_images(folder, count // 2, (128, 128), seed=2, marked=True)
     train_plain = synthetic_images(folder, count // 2, (128, 128), seed=3, marked=False)
     test_marked = synthetic_images(folder, 8 if quick else 48, (128, 128), seed=4, marked=True)
@@ -127,7 +128,7 @@ def bench_planted(folder: Path, device: str, quick: bool, steps: int, count: int
                                       attention=variant["attention"]).to(device)
         dataset = ImageDataset(paths, conditions, 32, train=True, image_size=variant["image_size"])
         began = time.perf_counter()
-        result = train(model, dataset, steps=steps, batch_size=64, seed=0, lr=1e-3)
+        result = train(model, dataset, steps=steps, batch_size=64, seed=0, lr=1e-3, num_workers=workers)
         trained = time.perf_counter() - began
         results[name] = dict(variant, train_seconds=trained, final_loss=result.final_loss,
                              **mark_found(model, test_marked, variant["image_size"], draws, device))
@@ -169,6 +170,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=3000, help="planted: training steps")
     parser.add_argument("--images", type=int, default=512, help="planted: training images")
     parser.add_argument("--draws", type=int, default=8, help="planted: scoring draws")
+    parser.add_argument("--workers", type=int, default=0, help="planted: data-loading processes")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -183,7 +185,7 @@ def main(argv=None) -> dict:
                 report["scoring"] = bench_scoring(folder, args.device, args.quick)
             elif section == "planted":
                 report["planted"] = bench_planted(folder, args.device, args.quick, args.steps,
-                                                  args.images, args.draws)
+                                                  args.images, args.draws, args.workers)
             else:
                 raise SystemExit(f"unknown section {section!r}")
             print(json.dumps(report[section], indent=1), flush=True)
