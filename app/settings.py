@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     ray_actors: int | None = Field(None, description="Ray actors holding the denoiser (default: "
                                    "one per GPU of the cluster, else one per CPU)")
 
+    lease_seconds: float = Field(30.0, gt=0, description="seconds a worker's claim on a job lasts "
+                                 "without a heartbeat; once it runs out, another worker may take the "
+                                 "job over (`diffmine worker --lease` overrides it)")
+
     # Ingest limits: an upload beyond them is refused whole.
     max_upload_bytes: int = 20 * 2**30
     max_zip_entries: int = 2_000_000

@@ -31,11 +31,11 @@ def is_transient(error: BaseException) -> bool:
 
 class Worker:
     def __init__(self, settings: Settings, *, worker_id: str | None = None,
-                 lease_seconds: float = 30.0, poll_seconds: float = 1.0,
+                 lease_seconds: float | None = None, poll_seconds: float = 1.0,
                  kinds: tuple[str, ...] | None = None):
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = settings.lease_seconds if lease_seconds is None else lease_seconds
         self.poll_seconds = poll_seconds
         self.kinds = kinds
         self.models: dict = {}  # kept loaded between jobs on the same model

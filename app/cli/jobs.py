@@ -56,7 +56,8 @@ def cmd_cancel(args, settings: Settings) -> dict:
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     worker = sub.add_parser("worker", parents=[common], help="run the job worker until stopped")
     worker.add_argument("--worker-id")
-    worker.add_argument("--lease", type=float, default=30.0, help="seconds a job's lease lasts")
+    worker.add_argument("--lease", type=float,
+                        help="seconds a job's lease lasts (default: $DIFFMINE_LEASE_SECONDS, else 30)")
     worker.add_argument("--poll", type=float, default=1.0, help="seconds between queue polls")
     worker.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
 

@@ -60,7 +60,8 @@ def start_worker(settings: Settings):
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "worker-serve.log", "ab") as log:  # the child keeps its own handle
         return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--home", str(settings.home_dir),
-                                 "--worker-id", "serve"], env=dict(os.environ, **settings_environment(settings)),
+                                 "--worker-id", "serve", "--lease", str(settings.lease_seconds)],
+                                env=dict(os.environ, **settings_environment(settings)),
                                 stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -100,7 +101,8 @@ def run_side_by_side(settings: Settings, job_ids: list[int], *, json_mode: bool)
         with open(logs / f"worker-side-{n}.log", "ab") as log:  # the child keeps its own handle
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "worker", "--exit-when-idle",
-                 "--home", str(settings.home_dir), "--worker-id", f"side-{n}"],
+                 "--home", str(settings.home_dir), "--worker-id", f"side-{n}",
+                 "--lease", str(settings.lease_seconds)],
                 env=env, stdout=subprocess.DEVNULL, stderr=log))
     try:
         for job_id in job_ids:

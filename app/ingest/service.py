@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import insert, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
-from app.db import engine_for, session_scope, upgrade
+from app.db import open_database, session_scope
 from app.ingest.builtin import builtin_source
 from app.ingest.entries import Entry, LabelSetSpec, label_name
 from app.ingest.errors import IngestError
@@ -67,7 +67,6 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
     if not 0 <= holdout < 1:
         raise IngestError(f"holdout fraction must be in [0, 1), got {holdout}")
     with _nothing_new_on_failure(settings):
-        upgrade(settings)
         with session_scope(settings) as session:
             if session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
                 raise IngestError(f"a dataset named {name!r} already exists")
@@ -119,41 +118,20 @@ def default_dataset_name(source: str) -> str:
 
 @contextmanager
 def _nothing_new_on_failure(settings: Settings) -> Iterator[None]:
-    """Bad input leaves nothing behind: when the ingest fails, remove the data folder, SQLite
-    file and staging folder that it created itself (an ingest into a folder that did not exist
-    yet would otherwise leave an empty database there). Paths that were there before are kept.
-    The staging folder, once empty, goes after a successful ingest too."""
-    created = [path for path in (settings.home_dir, _sqlite_file(settings))
-               if path is not None and not path.exists()]
+    """Bad input leaves nothing behind. The ingest's own staged files go in any case (see
+    ingest_dataset). When this process created the database (and perhaps the data folder), it
+    holds the database's exclusive lock until the ingest ends, so that nobody else used them
+    meanwhile, and a failure removes them (app/db.py open_database); a database or folder that
+    another process made, or that was there before, is kept. The staging folder, once empty,
+    goes after a successful ingest too."""
     # Only ever removed empty: another ingest may be staging its own files in it meanwhile.
     staging_created = not settings.staging_dir.exists()
     try:
-        yield
-    except BaseException:
-        # Pooled connections would keep writing to the file unlinked below.
-        engine_for(settings.db_url).dispose()
-        for path in created:
-            _remove(path)
-        raise
+        with open_database(settings, undo_on_error=True):
+            yield
     finally:
         if staging_created:
             _remove_if_empty(settings.staging_dir)
-
-
-def _sqlite_file(settings: Settings) -> Path | None:
-    url = make_url(settings.db_url)
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return None
-    return Path(url.database).resolve()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    # SQLite's write-ahead log and shared-memory files sit beside the database.
-    for companion in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
-        companion.unlink(missing_ok=True)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -306,7 +284,7 @@ def _check_every_label_trains(kept: list[_Kept], label_sets: dict[str, Counter],
 def _commit(settings: Settings, *, name, source, in_place, kept, label_sets, specs, staging) -> None:
     moved: list[Path] = []
     try:
-        with session_scope(settings) as session:
+        with _name_unique(settings, name), session_scope(settings) as session:
             dataset = Dataset(name=name, source=source, in_place=in_place,
                               root=str(Path(source).resolve()) if in_place else None,
                               image_count=len(kept))
@@ -327,6 +305,20 @@ def _commit(settings: Settings, *, name, source, in_place, kept, label_sets, spe
     except BaseException:
         for path in moved:
             path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _name_unique(settings: Settings, name: str) -> Iterator[None]:
+    """Another ingest of the same name may commit between the check at the start and this one's
+    commit: its unique constraint then refuses this one, with the same clear message."""
+    try:
+        yield
+    except IntegrityError:
+        with session_scope(settings) as session:
+            taken = session.scalar(select(Dataset.id).where(Dataset.name == name)) is not None
+        if taken:
+            raise IngestError(f"a dataset named {name!r} already exists") from None
         raise
 
 

@@ -7,8 +7,10 @@ import threading
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import upgrade
 from app.settings import REPO_ROOT, Settings
 from app.web.body_limit import BodyLimitMiddleware
 from app.web.deps import templates, wants_json
@@ -27,6 +29,9 @@ Every page is also JSON: the same URL with `.json` appended (`/runs/1/labels/3.j
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # Once, here: never per request (Alembic's upgrade is not thread-safe, and requests run in
+    # threads). Each server process does it; the schema lock makes them take turns.
+    upgrade(settings)
     app = FastAPI(title="diffmine", version="0.1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     app.state.settings = settings
@@ -46,10 +51,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (datasets, uploads, jobs, runs, clusters, parallel, images, patches, auth):
         app.include_router(module.router)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(IntegrityError, conflict)
     app.add_middleware(JsonTwinMiddleware)
     app.add_middleware(SecurityMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware)  # outermost: a form's body is bounded before all
     return app
+
+
+async def conflict(request: Request, exc: IntegrityError):
+    """Two requests racing for one unique value (the services name the common cases, such as a
+    dataset's name, themselves): a 409, never a 500."""
+    return await http_error(request, StarletteHTTPException(
+        409, "This conflicts with something saved meanwhile (a name already in use?): reload and "
+             "try again."))
 
 
 async def http_error(request: Request, exc: StarletteHTTPException):

@@ -18,6 +18,8 @@ import hmac
 import os
 import re
 import secrets
+import tempfile
+from pathlib import Path
 from urllib.parse import quote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -38,22 +40,40 @@ def _sign(secret: str, message: str) -> str:
 
 
 def server_secret(settings: Settings) -> str:
-    """The access token, or a random secret made once per data directory."""
+    """The access token, or a random secret made once per data directory (`web-secret`, mode
+    0600). It is written whole to a temporary file beside it and then linked into place, which
+    never replaces an existing file: when several server processes start at once, the first
+    link wins and every process reads that one secret; none ever reads a half-written file."""
     if settings.token:
         return settings.token
     path = settings.home_dir / "web-secret"
+    secret = _read_secret(path)
+    if secret:
+        return secret
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".web-secret-")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            if not _read_secret(path):  # empty: left by a crash of an older, two-step version
+                os.replace(temporary, path)
+        except OSError:  # a file system without hard links: atomic still, last one wins
+            os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another server process made it first
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32))
-    return path.read_text().strip()
+        return ""
 
 
 def auth_cookie_value(token: str) -> str:

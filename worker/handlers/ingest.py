@@ -17,7 +17,9 @@ def run_ingest(context: JobContext) -> dict:
     remove_after, display_source = job.remove_after, job.display_source
     existing = dataset_by_name(context.settings, job.name)
     if existing is not None and existing["source"] in (job.source, display_source):
-        # A previous attempt committed and then lost its worker: the ingest is done.
+        # A previous attempt committed and then lost its worker: the ingest is done, but what
+        # came after its commit may not be.
+        _finish(context, job.name, remove_after, display_source)
         return {"dataset": existing["name"], "images": existing["images"], "resumed": True}
     # An ingest is all-or-nothing, so it is not preempted halfway.
     context.preemptible = False
@@ -32,10 +34,15 @@ def run_ingest(context: JobContext) -> dict:
     except IngestError:
         _remove_upload(context, remove_after)  # bad input: a retry would fail the same way
         raise
+    _finish(context, report.dataset, remove_after, display_source)
+    return report.as_json()
+
+
+def _finish(context: JobContext, name: str, remove_after: str | None, display_source: str | None) -> None:
+    """After the commit: the staged upload goes, and the dataset gets the name the user saw."""
     _remove_upload(context, remove_after)
     if display_source:
-        set_dataset_source(context.settings, report.dataset, display_source)
-    return report.as_json()
+        set_dataset_source(context.settings, name, display_source)
 
 
 def _remove_upload(context: JobContext, path: str | None) -> None:
