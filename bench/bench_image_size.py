@@ -34,6 +34,7 @@ from worker.engine.data import ImageDataset, View, multi_hot  # noqa: E402
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label  # noqa: E402
 from worker.engine.presets import FAST  # noqa: E402
 from worker.engine.registry import create_pixel_denoiser  # noqa: E402
+from worker.engine.tiles import tiled_typicality  # noqa: E402
 from worker.engine.training import train  # noqa: E402
 from worker.engine.typicality import typicality  # noqa: E402
 
@@ -111,7 +112,7 @@ def bench_scoring(folder: Path, device: str, quick: bool) -> list[dict]:
 
 # --- planted -------------------------------------------------------------------------------------
 def bench_planted(folder: Path, device: str, quick: bool, steps: int, count: int, draws: int,
-                  workers: int = 0) -> dict:
+                  workers: int = 0, only: str | None = None) -> dict:
     train_marked = synthetic_images(folder, count // 2, (128, 128), seed=2, marked=True)
     train_plain = synthetic_images(folder, count // 2, (128, 128), seed=3, marked=False)
     test_marked = synthetic_images(folder, 8 if quick else 48, (128, 128), seed=4, marked=True)
@@ -124,6 +125,8 @@ def bench_planted(folder: Path, device: str, quick: bool, steps: int, count: int
     }
     results = {}
     for name, variant in variants.items():
+        if only and not any(word in name for word in only.split(",")):
+            continue
         model = create_pixel_denoiser(["marked", "plain"], resolution=32, seed=0, size="tiny" if quick else "small",
                                       attention=variant["attention"]).to(device)
         dataset = ImageDataset(paths, conditions, 32, train=True, image_size=variant["image_size"])
@@ -133,11 +136,16 @@ def bench_planted(folder: Path, device: str, quick: bool, steps: int, count: int
         results[name] = dict(variant, train_seconds=trained, final_loss=result.final_loss,
                              **mark_found(model, test_marked, variant["image_size"], draws, device))
         print(f"  {name}: {results[name]}", flush=True)
+        if variant["image_size"] > 32:
+            tiled = f"{name}, scored in 32 px tiles (stride 16)"
+            results[tiled] = dict(variant, **mark_found(model, test_marked, variant["image_size"], draws, device,
+                                                        tiles=True))
+            print(f"  {tiled}: {results[tiled]}", flush=True)
     return {"steps": steps, "train_images": count, "test_images": len(test_marked), "draws": draws,
             "variants": results}
 
 
-def mark_found(model, images: list[tuple], size: int, draws: int, device: str) -> dict:
+def mark_found(model, images: list[tuple], size: int, draws: int, device: str, tiles: bool = False) -> dict:
     """How much of the detail is found: the share of images whose best box overlaps the mark,
     the share of the label's top patches (5 boxes per image, the best 3 per image's worth kept
     over the label) on the mark, and the median of the map's mean inside the mark over outside."""
@@ -145,7 +153,8 @@ def mark_found(model, images: list[tuple], size: int, draws: int, device: str) -
     candidates, ratios, best_on_mark = [], [], []
     preset = FAST.with_(draws=draws)
     for path, box in images:
-        result = typicality(model, view.load(path)[None].to(device), multi_hot([0], 2), preset, seed=0)
+        score = (lambda *a, **k: tiled_typicality(*a, **k, tile=32)) if tiles else typicality
+        result = score(model, view.load(path)[None].to(device), multi_hot([0], 2), preset, seed=0)
         heat = result.maps[0].cpu()
         x0, y0 = (math.floor(v * scale) for v in box[:2])
         x1, y1 = (math.ceil(v * scale) for v in box[2:])
@@ -171,6 +180,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=512, help="planted: training images")
     parser.add_argument("--draws", type=int, default=8, help="planted: scoring draws")
     parser.add_argument("--workers", type=int, default=0, help="planted: data-loading processes")
+    parser.add_argument("--variants", help="planted: only the variants whose names contain one of these words")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -185,7 +195,7 @@ def main(argv=None) -> dict:
                 report["scoring"] = bench_scoring(folder, args.device, args.quick)
             elif section == "planted":
                 report["planted"] = bench_planted(folder, args.device, args.quick, args.steps,
-                                                  args.images, args.draws, args.workers)
+                                                  args.images, args.draws, args.workers, args.variants)
             else:
                 raise SystemExit(f"unknown section {section!r}")
             print(json.dumps(report[section], indent=1), flush=True)

@@ -1,0 +1,36 @@
+"""Tiled typicality: tiles of the training size cover the image, and one tile is the image."""
+import torch
+from conftest import blobs, planted_dataset
+
+from worker.engine.data import multi_hot
+from worker.engine.presets import FAST
+from worker.engine.tiles import tile_origins, tiled_typicality
+from worker.engine.typicality import typicality
+
+QUICK = FAST.with_(draws=4)
+
+
+def test_tiles_cover_the_image_up_to_its_far_edge():
+    assert tile_origins(32, 32, 16) == [0]
+    assert tile_origins(64, 32, 16) == [0, 16, 32]
+    assert tile_origins(70, 32, 16) == [0, 16, 32, 38]
+
+
+def test_one_tile_is_the_whole_image(tiny_denoiser):
+    images = blobs(2, 32, torch.Generator().manual_seed(0))
+    conditions = multi_hot([0, 1], len(tiny_denoiser.labels))
+    whole = typicality(tiny_denoiser, images, conditions, QUICK, seed=1)
+    tiled = tiled_typicality(tiny_denoiser, images, conditions, QUICK, seed=1, tile=32)
+    assert torch.allclose(tiled.maps, whole.maps.cpu(), atol=1e-6)
+    assert torch.allclose(tiled.scores, whole.scores.cpu(), atol=1e-6)
+    assert torch.allclose(tiled.stderr, whole.stderr.cpu(), atol=1e-6)
+
+
+def test_a_mark_at_the_right_edge_is_found_through_tiles(planted_model):
+    marked, _, masks = planted_dataset(2, seed=5)
+    wide = torch.cat([blobs(1, 32, torch.Generator().manual_seed(6)), marked[:1]], dim=-1)
+    mask = torch.cat([torch.zeros(32, 32, dtype=torch.bool), masks[0]], dim=-1)
+    result = tiled_typicality(planted_model, wide, multi_hot([0], 2), FAST, seed=0, tile=32)
+    assert result.maps.shape == (1, 32, 64)
+    assert torch.allclose(result.scores, result.maps.mean(dim=(1, 2)), atol=1e-6)
+    assert result.maps[0][mask].mean() > 3 * result.maps[0][~mask].mean()
