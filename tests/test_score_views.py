@@ -48,3 +48,15 @@ def test_the_centre_crop_view_scores_as_before(tmp_path):
     by_image = {r["image_id"]: r["typicality"] for r in scores.records}
     assert torch.allclose(torch.tensor([by_image[i] for i in (1, 2, 3)]), before.scores, atol=1e-6)
     assert all(value.shape == (32, 32) for value in scores.maps.values())
+
+
+def test_images_larger_than_the_training_crops_are_scored_through_tiles(tmp_path):
+    from worker.engine.tiles import tiled_typicality
+    from worker.handlers.score import preset_for
+
+    model = create_pixel_denoiser(["a", "b"], resolution=32, seed=0, size="tiny")
+    examples = shard(tmp_path)
+    scores = compute_shard(model, examples, [10, 20], PARAMS, view=View(32))
+    wide = View(32).load(examples[0].path)[None]
+    tiled = tiled_typicality(model, wide, multi_hot([0], 2), preset_for(PARAMS, model), seed=0, tile=32)
+    assert np.allclose(scores.maps["1_10"].astype(np.float32), tiled.maps[0].numpy(), atol=2e-3)

@@ -34,3 +34,17 @@ def test_a_mark_at_the_right_edge_is_found_through_tiles(planted_model):
     assert result.maps.shape == (1, 32, 64)
     assert torch.allclose(result.scores, result.maps.mean(dim=(1, 2)), atol=1e-6)
     assert result.maps[0][mask].mean() > 3 * result.maps[0][~mask].mean()
+
+
+def test_label_scores_through_tiles_agree_with_typicality_through_tiles(tiny_denoiser):
+    from worker.engine.tiles import tiled_label_scores
+
+    images = blobs(2, 48, torch.Generator().manual_seed(2))
+    labels = len(tiny_denoiser.labels)
+    every = tiled_label_scores(tiny_denoiser, images, QUICK, seed=1, tile=32, maps=True)
+    own = tiled_typicality(tiny_denoiser, images, multi_hot([0, 1], labels), QUICK, seed=1, tile=32)
+    assert every.maps.shape == (2, labels, 48, 48)
+    assert torch.allclose(every.maps[0, 0], own.maps[0], atol=1e-5)
+    assert torch.allclose(every.maps[1, 1], own.maps[1], atol=1e-5)
+    # image-level values are the tiles' weighted by their share of the map: close to its mean
+    assert torch.allclose(every.typicality[0, 0], own.scores[0], atol=1e-3)

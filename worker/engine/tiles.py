@@ -17,7 +17,7 @@ import torch
 
 from .denoiser import ConditionalDenoiser
 from .presets import PAPER, TypicalityPreset
-from .typicality import TypicalityResult, standard_error, typicality
+from .typicality import LabelScores, TypicalityResult, label_scores, standard_error, typicality
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -31,29 +31,98 @@ def tile_origins(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+class Tiling:
+    """Where the tiles of an image of (height, width) lie, and how their maps come back."""
+
+    def __init__(self, height: int, width: int, tile: int, stride: int | None = None):
+        if min(height, width) < tile:
+            raise ValueError(f"images of {height}x{width} are smaller than the {tile} px tiles")
+        stride = stride or max(1, tile // 2)
+        self.height, self.width, self.tile = height, width, tile
+        self.origins = [(y, x) for y in tile_origins(height, tile, stride) for x in tile_origins(width, tile, stride)]
+        self.cover = torch.zeros(height, width)
+        for y, x in self.origins:
+            self.cover[y:y + tile, x:x + tile] += 1
+        #: each tile's share of the assembled mean: the sum over its pixels of 1 / cover
+        self.shares = torch.stack([(1 / self.cover[y:y + tile, x:x + tile]).sum()
+                                   for y, x in self.origins]) / (height * width)
+
+    def cut(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B * T, C, tile, tile], the T tiles of each image together."""
+        t = self.tile
+        return torch.stack([images[..., y:y + t, x:x + t] for y, x in self.origins], dim=1).flatten(0, 1)
+
+    def assemble(self, tile_maps: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B * T, ..., tile, tile] -> [B, ..., H, W]: each pixel the mean over its tiles."""
+        t = self.tile
+        tile_maps = tile_maps.cpu().view(batch, len(self.origins), *tile_maps.shape[1:])
+        sums = torch.zeros(batch, *tile_maps.shape[2:-2], self.height, self.width)
+        for index, (y, x) in enumerate(self.origins):
+            sums[..., y:y + t, x:x + t] += tile_maps[:, index]
+        return sums / self.cover
+
+    def combine(self, per_tile: torch.Tensor, batch: int) -> torch.Tensor:
+        """Image-level values from per-tile ones, weighted by the tiles' shares: [B * T, ...] -> [B, ...]."""
+        values = per_tile.cpu().view(batch, len(self.origins), *per_tile.shape[1:])
+        return (values * self.shares.view(1, -1, *[1] * (values.ndim - 2))).sum(dim=1)
+
+
 def tiled_typicality(denoiser: ConditionalDenoiser, images: torch.Tensor, conditions: torch.Tensor,
                      preset: TypicalityPreset = PAPER, *, seed: int = 0, tile: int,
                      stride: int | None = None) -> TypicalityResult:
     """`typicality` of images [B, 3, H, W] (H, W >= tile) assembled from tile x tile windows."""
-    stride = stride or max(1, tile // 2)
-    batch, _, height, width = images.shape
-    if min(height, width) < tile:
-        raise ValueError(f"images of {height}x{width} are smaller than the {tile} px tiles")
-    origins = [(y, x) for y in tile_origins(height, tile, stride) for x in tile_origins(width, tile, stride)]
-    windows = torch.stack([images[:, :, y:y + tile, x:x + tile] for y, x in origins], dim=1)  # [B, T, 3, t, t]
-    tiles = typicality(denoiser, windows.flatten(0, 1), conditions.repeat_interleave(len(origins), dim=0),
-                       preset, seed=seed)
-    tile_maps = tiles.maps.view(batch, len(origins), tile, tile).cpu()
-    sums = torch.zeros(batch, height, width)
-    cover = torch.zeros(height, width)
-    for t, (y, x) in enumerate(origins):
-        sums[:, y:y + tile, x:x + tile] += tile_maps[:, t]
-        cover[y:y + tile, x:x + tile] += 1
-    maps = sums / cover
-    # Each tile's share of the assembled mean: the sum over its pixels of 1 / cover.
-    shares = torch.stack([(1 / cover[y:y + tile, x:x + tile]).sum() for y, x in origins]) / (height * width)
-    differences = (tiles.differences.view(batch, len(origins), -1).cpu() * shares[None, :, None]).sum(dim=1)
-    used = tiles.draws.view(batch, len(origins)).min(dim=1).values
+    batch = len(images)
+    tiling = Tiling(*images.shape[-2:], tile, stride)
+    count = len(tiling.origins)
+    tiles = typicality(denoiser, tiling.cut(images), conditions.repeat_interleave(count, dim=0), preset, seed=seed)
+    maps = tiling.assemble(tiles.maps, batch)
+    differences = tiling.combine(tiles.differences, batch)
     return TypicalityResult(maps=maps, scores=maps.mean(dim=(1, 2)),
                             stderr=standard_error(differences, preset.timesteps, preset.round_size),
-                            draws=used, differences=differences)
+                            draws=tiles.draws.cpu().view(batch, count).min(dim=1).values, differences=differences)
+
+
+def tiled_label_scores(denoiser: ConditionalDenoiser, images: torch.Tensor, preset: TypicalityPreset = PAPER,
+                       *, seed: int = 0, tile: int, stride: int | None = None, maps: bool = False) -> LabelScores:
+    """`label_scores` of images [B, 3, H, W] assembled from tile x tile windows."""
+    batch = len(images)
+    tiling = Tiling(*images.shape[-2:], tile, stride)
+    tiles = label_scores(denoiser, tiling.cut(images), preset, seed=seed, maps=maps)
+    per_draw = tiling.combine(tiles.per_draw, batch)
+    return LabelScores(null_loss=tiling.combine(tiles.null_loss, batch),
+                       label_losses=tiling.combine(tiles.label_losses, batch), per_draw=per_draw,
+                       stderr=standard_error(per_draw[:, :1] - per_draw[:, 1:], preset.timesteps, preset.round_size),
+                       maps=tiling.assemble(tiles.maps, batch) if maps else None,
+                       timesteps=preset.timesteps, round_size=preset.round_size)
+
+
+# --- what the score job calls ----------------------------------------------------------------------
+def training_tile(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int | None:
+    """The tile side to score `images` with: a pixel model's training crop side when the images
+    are larger than its crops, else None (the whole image, which is what it trained on).
+
+    Measured on an 8 px mark planted in 128 px images, models trained on 32 px crops
+    (bench/bench_image_size.py, docs/benchmarks.md): the best box lay on the mark for 81-100%
+    of the images through tiles, 21-40% through the whole image."""
+    side = getattr(denoiser, "resolution", None)
+    if getattr(denoiser, "backend", None) != "pixel" or not side or max(images.shape[-2:]) <= side:
+        return None
+    return side
+
+
+def typicality_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor, conditions: torch.Tensor,
+                          preset: TypicalityPreset = PAPER, *, seed: int = 0) -> TypicalityResult:
+    """`typicality`, through tiles of the training size when the images are larger than it."""
+    tile = training_tile(denoiser, images)
+    if tile is None:
+        return typicality(denoiser, images, conditions, preset, seed=seed)
+    return tiled_typicality(denoiser, images, conditions, preset, seed=seed, tile=tile)
+
+
+def label_scores_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor,
+                            preset: TypicalityPreset = PAPER, *, seed: int = 0, maps: bool = False) -> LabelScores:
+    """`label_scores`, through tiles of the training size when the images are larger than it."""
+    tile = training_tile(denoiser, images)
+    if tile is None:
+        return label_scores(denoiser, images, preset, seed=seed, maps=maps)
+    return tiled_label_scores(denoiser, images, preset, seed=seed, maps=maps, tile=tile)

@@ -436,7 +436,7 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
 
     from worker.engine.data import load_view_groups
     from worker.engine.patches import image_shape_of, model_top_left, patch_scores
-    from worker.engine.typicality import label_scores
+    from worker.engine.tiles import label_scores_as_trained
     from worker.handlers.score import preset_for
 
     with session_scope(context.settings) as session:
@@ -459,7 +459,7 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
         batch = images[start:start + FEATURE_BATCH]
         paths = [context.settings.home_dir / members[0].stored_path for members in batch]
         for indices, pixels in load_view_groups(paths, info.view):
-            scores = label_scores(denoiser, pixels, preset, seed=info.seed, maps=True)
+            scores = label_scores_as_trained(denoiser, pixels, preset, seed=info.seed, maps=True)
             for members, maps in zip([batch[i] for i in indices], scores.maps):
                 grid = patch_scores(maps, image_shape_of(maps.shape[-2:], info.view.size),
                                     info.patch_size)  # [L, Hs, Ws]

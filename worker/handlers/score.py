@@ -138,11 +138,11 @@ def compute_shard(denoiser, shard: list[Example], label_ids: list[int], params: 
 def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps) -> dict:
     """(image, label) -> record under each own label, its map added to `maps`."""
     from worker.engine.data import multi_hot
-    from worker.engine.typicality import typicality
+    from worker.engine.tiles import typicality_as_trained
 
     # One row per (image, own label): a multi-label image is scored under each of its labels.
     rows = [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
-    own = typicality(denoiser, images[[i for i, _ in rows]],
+    own = typicality_as_trained(denoiser, images[[i for i, _ in rows]],
                      multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed)
     records = {}
     for r, (i, label) in enumerate(rows):
@@ -167,9 +167,9 @@ def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores:
     10 labels, about a 512 px JPEG of the image). Acceptable: only all_labels runs pay it, and
     they already pay (labels + 1) forward passes per draw, which costs far more than the disk.
     """
-    from worker.engine.typicality import label_scores
+    from worker.engine.tiles import label_scores_as_trained
 
-    everything = label_scores(denoiser, images, preset, seed=seed, maps=True)
+    everything = label_scores_as_trained(denoiser, images, preset, seed=seed, maps=True)
     every_map = everything.maps.cpu().numpy().astype(np.float16)  # [B, M, h, w]
     for i, example in enumerate(shard):
         for m, label_id in enumerate(label_ids):
