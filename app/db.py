@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,6 +56,8 @@ def _session_factory(url: str) -> sessionmaker[Session]:
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
     session = _session_factory(settings.db_url)()
+    # What the rows' own rules need (app/jobs.py reads the pending-jobs limit from it).
+    session.info["settings"] = settings
     try:
         yield session
         session.commit()
@@ -64,3 +66,16 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def hold_write_lock(session: Session, table: str) -> None:
+    """Take the database's write lock now, and keep it until the session's transaction ends:
+    what the session reads next is the newest data, and no other connection writes in between
+    (check-then-insert without a race). SQLite locks the whole database for a write; PostgreSQL
+    the table."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        # A write that changes nothing still begins the write transaction.
+        session.execute(text(f'UPDATE "{table}" SET rowid = rowid WHERE 0'))
+    elif dialect == "postgresql":
+        session.execute(text(f'LOCK TABLE "{table}" IN SHARE ROW EXCLUSIVE MODE'))

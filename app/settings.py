@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     min_images_per_label: int = 5
     thumbnail_px: int = 128
 
+    # Job creation: a dataset's queued and running jobs (but translations, which are cached per
+    # setting, and ingests) beyond this are refused with a clear message (429 on the web).
+    max_pending_jobs_per_dataset: int = Field(20, ge=1, description="queued and running jobs a "
+                                              "dataset may have at once (translations apart)")
+
     @cached_property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db import session_scope
 from app.ingest import IngestError, ingest_dataset
 from app.ingest.sources import ZipLimits, check_zip
+from app.ingest.staging import claim
 from app.jobs import enqueue
 from app.services.datasets import dataset_id_by_name
 from app.services.uploads import set_dataset_source
@@ -43,6 +44,9 @@ def upload_page(request: Request, settings: SettingsDep):
                                 "bin, holdout, in_place, seed")
 async def upload(request: Request, settings: SettingsDep):
     directory = settings.staging_dir / "uploads" / uuid.uuid4().hex
+    # Owned by this request until it ends (a sweep leaves it alone meanwhile); a queued ingest
+    # job that reads it keeps it after that (app/ingest/staging.py).
+    owner = claim(directory, "upload")
     header_token = request.headers.get(CSRF_HEADER)
 
     def before_file(form: StreamedForm) -> None:
@@ -67,6 +71,10 @@ async def upload(request: Request, settings: SettingsDep):
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    finally:
+        if form is None or form.file_path is None:
+            shutil.rmtree(directory, ignore_errors=True)  # nothing uploaded: a server folder
+        owner.release()
     return outcome
 
 
