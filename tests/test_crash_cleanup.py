@@ -28,6 +28,20 @@ from tests.helpers import free_port, wait_for_server, wait_until
 PAUSE = "DIFFMINE_TEST_PAUSE_AT"
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers():
+    """The processes a test started are gone after it, even when it fails halfway."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     """A data folder holding one dataset already (the kills must not touch it)."""
@@ -39,8 +53,9 @@ def settings(tmp_path) -> Settings:
 
 def start(settings: Settings, *args, pause: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, **({PAUSE: pause} if pause else {}))
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(settings.home_dir)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(settings.home_dir)],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return STARTED[-1]
 
 
 def paused(process: subprocess.Popen, point: str) -> None:
@@ -142,8 +157,10 @@ def post(base: str, body: bytes, content_type: str, timeout: float = 60) -> dict
 
 def serve(settings: Settings, port: int, log, *, pause: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, **({PAUSE: pause} if pause else {}))
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home", str(settings.home_dir),
-                             "--port", str(port)], env=env, stdout=log, stderr=log)
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home",
+                                     str(settings.home_dir), "--port", str(port)],
+                                    env=env, stdout=log, stderr=log))
+    return STARTED[-1]
 
 
 def test_a_web_server_killed_during_uploads_and_ingests_leaves_nothing_for_good(settings, tmp_path):

@@ -23,6 +23,20 @@ TRAIN = ["--size", "tiny", "--batch-size", "4", "--checkpoint-every", "5"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers():
+    """The processes a test started are gone after it, even when it fails halfway."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 @pytest.fixture
 def home(tmp_path):
     source = write_folder(tmp_path / "pets", label_files({"cat": 6, "dog": 6}))
@@ -33,8 +47,9 @@ def home(tmp_path):
 
 def start(home, *args) -> subprocess.Popen:
     """A `diffmine` command in the foreground of its own process, as a user types it."""
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(home)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(home)],
+                                    env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return STARTED[-1]
 
 
 def training_past(home, job_id: int, step: int, process: subprocess.Popen | None = None):
@@ -115,6 +130,7 @@ def test_a_dead_workers_job_shows_stalled_in_the_cli_and_on_the_jobs_page(home, 
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home", str(home),
                                "--port", str(port)], env=ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
+    STARTED.append(server)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(base, server)
