@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
@@ -223,6 +223,8 @@ def _session_factory(url: str) -> sessionmaker[Session]:
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
     session = _session_factory(settings.db_url)()
+    # What the rows' own rules need (app/jobs.py reads the pending-jobs limit from it).
+    session.info["settings"] = settings
     try:
         yield session
         session.commit()
@@ -231,3 +233,16 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def hold_write_lock(session: Session, table: str) -> None:
+    """Take the database's write lock now, and keep it until the session's transaction ends:
+    what the session reads next is the newest data, and no other connection writes in between
+    (check-then-insert without a race). SQLite locks the whole database for a write; PostgreSQL
+    the table."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        # A write that changes nothing still begins the write transaction.
+        session.execute(text(f'UPDATE "{table}" SET rowid = rowid WHERE 0'))
+    elif dialect == "postgresql":
+        session.execute(text(f'LOCK TABLE "{table}" IN SHARE ROW EXCLUSIVE MODE'))

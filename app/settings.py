@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     page_cache_bytes: int = Field(64 * 2**20, ge=0, description="bytes of rendered gallery pages, "
                                   "label menus and sample lists one server process keeps (an "
                                   "LRU; an entry above a quarter of it is not kept; 0: none)")
+    # Job creation: a dataset's queued and running jobs (but translations, which are cached per
+    # setting, and ingests) beyond this are refused with a clear message (429 on the web).
+    max_pending_jobs_per_dataset: int = Field(20, ge=1, description="queued and running jobs a "
+                                              "dataset may have at once (translations apart)")
 
     @cached_property
     def home_dir(self) -> Path:

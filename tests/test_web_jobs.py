@@ -36,7 +36,8 @@ def test_finished_job_stops_polling_and_links_to_its_results(client):
 
 def test_cancel(mined_settings, client):
     with session_scope(mined_settings) as session:
-        queued = enqueue(session, kind="pipeline", params={"run_id": 1, "model_id": 1}).id
+        # Not the running job's kind and params: an identical job would be that job again.
+        queued = enqueue(session, kind="score", params={"run_id": 1, "model_id": 1}).id
     running = running_job(mined_settings)
     token = form_token(client, f"/jobs/{queued}")
     response = client.post(f"/jobs/{queued}/cancel", data={"csrf_token": token})

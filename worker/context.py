@@ -47,6 +47,8 @@ class JobContext:
     preemptible: bool = True
     #: also told of every progress update (the CLI draws a progress bar with it)
     on_progress: object = None
+    #: set by the foreground command's Ctrl-C: cancel at the next step boundary
+    interrupt: threading.Event | None = None
 
     def __post_init__(self):
         self._cancel = self._preempt = self._lost = False
@@ -91,7 +93,7 @@ class JobContext:
         """Call at step boundaries: raises if the job must stop here."""
         if self._lost:
             raise LeaseLost()
-        if self._cancel:
+        if self._cancel or (self.interrupt is not None and self.interrupt.is_set()):
             raise JobCancelled()
         if self._preempt and self.preemptible:
             raise JobPreempted()

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, exists, func, or_, select, update
 
 from app.db import session_scope
+from app.jobs import Workers, expire_dead_owners
 from app.models import Job, utcnow
 from app.settings import Settings
 
@@ -22,9 +23,16 @@ def _expired(now: datetime):
 
 
 def fail_exhausted(settings: Settings) -> None:
-    """Jobs whose worker died on every attempt fail instead of looping forever."""
+    """Jobs whose worker died on every attempt fail instead of looping forever; a job whose
+    worker died after a cancel was asked for is cancelled (no worker would claim it again).
+    A job whose worker is known to be dead (its registration lock is free: app/jobs.py) has
+    its lease ended first, so that it resumes now."""
+    with session_scope(settings) as session:
+        expire_dead_owners(session, Workers.of(settings))
     now = utcnow()
     with session_scope(settings) as session:
+        session.execute(update(Job).where(_expired(now), Job.cancel_requested.is_(True))
+                        .values(status="cancelled", finished_at=now, lease_until=None))
         session.execute(update(Job).where(_expired(now), Job.attempts >= Job.max_attempts)
                         .values(status="failed", finished_at=now, lease_until=None,
                                 error="the worker running this job stopped responding on "
@@ -100,11 +108,15 @@ def requeue(settings: Settings, *, job_id: int, worker_id: str, count_attempt: b
 
 
 def claim_job(settings: Settings, *, job_id: int, worker_id: str, lease_seconds: float) -> bool:
-    """Claim one specific queued job (the CLI runs its own job in the foreground)."""
+    """Claim one specific queued job, or one whose worker is gone (the CLI runs its own job in
+    the foreground, or resumes one)."""
+    fail_exhausted(settings)
     now = utcnow()
     with session_scope(settings) as session:
         return session.scalar(
-            update(Job).where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", worker_id=worker_id, heartbeat_at=now, started_at=now,
+            update(Job).where(Job.id == job_id, or_(Job.status == "queued", _expired(now)),
+                              Job.cancel_requested.is_(False))
+            .values(status="running", worker_id=worker_id, heartbeat_at=now,
+                    started_at=func.coalesce(Job.started_at, now),
                     lease_until=now + timedelta(seconds=lease_seconds),
                     attempts=Job.attempts + 1).returning(Job.id)) is not None

@@ -11,6 +11,7 @@ import traceback
 from sqlalchemy.exc import OperationalError
 
 from app.db import session_scope, upgrade
+from app.jobs import Workers, expire_dead_owners, prune_dead_workers, register_worker
 from app.models import Job
 from app.settings import Settings
 from worker import queue
@@ -47,11 +48,20 @@ class Worker:
     def run(self, *, exit_when_idle: bool = False) -> None:
         upgrade(self.settings)
         signal.signal(signal.SIGTERM, self.stop)
-        while not self._stopping.is_set():
-            if not self.run_one():
-                if exit_when_idle:
-                    return
-                self._stopping.wait(self.poll_seconds)
+        # Alive while this lock is held (app/jobs.py): `diffmine jobs` and /jobs tell a job of a
+        # dead worker (stalled) from one being worked on.
+        registration = register_worker(self.settings, worker_id=self.worker_id, claims=True)
+        with session_scope(self.settings) as session:
+            expire_dead_owners(session, Workers.of(self.settings))
+        prune_dead_workers(self.settings)
+        try:
+            while not self._stopping.is_set():
+                if not self.run_one():
+                    if exit_when_idle:
+                        return
+                    self._stopping.wait(self.poll_seconds)
+        finally:
+            registration.release(remove=True)
 
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
@@ -62,14 +72,17 @@ class Worker:
         self.run_claimed(job_id)
         return True
 
-    def run_claimed(self, job_id: int, *, on_progress=None, preemptible: bool = True) -> None:
+    def run_claimed(self, job_id: int, *, on_progress=None, preemptible: bool = True,
+                    interrupt: threading.Event | None = None) -> None:
+        """Run a job this worker claimed. `interrupt` (set by a foreground command's Ctrl-C)
+        cancels it at its next step boundary."""
         with session_scope(self.settings) as session:
             job = session.get(Job, job_id)
             kind, params, priority = job.kind, dict(job.params), job.priority
         context = JobContext(settings=self.settings, job_id=job_id, kind=kind, params=params,
                              worker_id=self.worker_id, priority=priority,
                              lease_seconds=self.lease_seconds, models=self.models,
-                             on_progress=on_progress, preemptible=preemptible)
+                             on_progress=on_progress, preemptible=preemptible, interrupt=interrupt)
         self._run(context)
 
     def _attempts_left(self, job_id: int) -> bool:

@@ -20,6 +20,7 @@ from app.cli import data, export, jobs, pipeline, serve, translate
 from app.cli.common import (  # noqa: F401
     COMMANDS,
     CommandError,
+    Interrupted,
     command,
     common_flags,
     open_bars,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffmine {args.command}: {reason}".replace("\n", " "), file=sys.stderr)
         if os.environ.get("DIFFMINE_TRACEBACK"):
             raise
-        return 1
+        return 130 if isinstance(exc, Interrupted) else 1
     if args.json and result is not None:
         print(json.dumps(result, default=str))
     return 0

@@ -16,6 +16,10 @@ class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+class Interrupted(CommandError):
+    """Ctrl-C stopped the command's job: printed as one line, exit status 130."""
+
+
 def command(name: str):
     def register(func):
         COMMANDS[name] = func
@@ -54,12 +58,9 @@ def queue_or_wait(args, settings: Settings, kind: str, params) -> dict | None:
     Returns None when the work should run in the foreground."""
     if not (args.queue or args.wait):
         return None
-    from app.db import session_scope, upgrade
     from app.jobs import enqueue
 
-    upgrade(settings)
-    with session_scope(settings) as session:
-        job_id = enqueue(session, kind=kind, params=params).id
+    job_id = create_rows(settings, lambda session: enqueue(session, kind=kind, params=params).id)
     if not args.wait:
         if not args.json:
             print(f"Queued job {job_id} ({kind}); follow it with: diffmine jobs")
@@ -98,23 +99,93 @@ def run_job(args, settings: Settings, job_id: int, description: str) -> dict:
         return {"job": job_id}
     if args.wait:
         return wait_for_job(settings, job_id, json_mode=args.json)
+    return run_here(settings, job_id, description, json_mode=args.json)
+
+
+def run_here(settings: Settings, job_id: int, description: str, *, json_mode: bool) -> dict:
+    """Run the job in this process. Ctrl-C cancels it at its next step boundary (a second
+    Ctrl-C at once), keeps what it finished (checkpoints, scored shards) and says how to resume
+    it; a process killed otherwise leaves it stalled, and resumable by a worker."""
+    import signal
+    import threading
+
+    interrupt = threading.Event()
+
+    def on_ctrl_c(_signum, _frame) -> None:
+        if interrupt.is_set():
+            raise KeyboardInterrupt
+        interrupt.set()
+        print(f"\nStopping job {job_id} at its next step (Ctrl-C again: at once)...",
+              file=sys.stderr, flush=True)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main else None
+    claimed = []
+    try:
+        _run_claimed_here(settings, job_id, description, json_mode, interrupt, claimed)
+    except KeyboardInterrupt:  # a second Ctrl-C before the job was claimed
+        interrupt.set()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupt.is_set():
+        status = _cancel_if_ours(settings, job_id, ours=bool(claimed))
+        if status in ("cancelled", "cancelling"):
+            raise Interrupted(f"job {job_id} ({description}) cancelled by Ctrl-C; what it finished "
+                              f"is kept (checkpoints, earlier runs). Resume it with: diffmine "
+                              f"resume {job_id} --home {settings.home_dir}")
+        if status in ("queued", "running"):  # an identical job another process runs: not ours
+            raise Interrupted(f"stopped following job {job_id}, which goes on elsewhere; follow it "
+                              f"with: diffmine jobs")
+    return wait_for_job(settings, job_id, json_mode=True)
+
+
+def _run_claimed_here(settings: Settings, job_id: int, description: str, json_mode: bool,
+                      interrupt, claimed: list) -> None:
+    from app.jobs import register_worker
     from worker import queue
     from worker.runner import Worker
 
     worker = Worker(settings, worker_id=f"cli:{os.getpid()}")
-    bar = progress_bar(description, args.json)
-    # Claimed again after an error that can pass (the job went back to the queue), until
-    # it ends or runs out of attempts.
-    while queue.claim_job(settings, job_id=job_id, worker_id=worker.worker_id,
-                          lease_seconds=worker.lease_seconds):
-        # In the foreground nothing else shares this process, so the job never yields.
-        worker.run_claimed(job_id, on_progress=bar, preemptible=False)
-    return wait_for_job(settings, job_id, json_mode=True)
+    bar = progress_bar(description, json_mode)
+    # Alive while held: if this process dies, `diffmine jobs` shows the job stalled at once.
+    registration = register_worker(settings, worker_id=worker.worker_id, claims=False)
+    try:
+        # Claimed again after an error that can pass (the job went back to the queue), until
+        # it ends or runs out of attempts.
+        while not interrupt.is_set() and queue.claim_job(settings, job_id=job_id,
+                                                         worker_id=worker.worker_id,
+                                                         lease_seconds=worker.lease_seconds):
+            # In the foreground nothing else shares this process, so the job never yields.
+            claimed.append(job_id)
+            worker.run_claimed(job_id, on_progress=bar, preemptible=False, interrupt=interrupt)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop where we are
+        interrupt.set()
+        queue.finish(settings, job_id=job_id, worker_id=worker.worker_id, status="cancelled")
+    finally:
+        registration.release(remove=True)
+
+
+def _cancel_if_ours(settings: Settings, job_id: int, *, ours: bool) -> str | None:
+    """After a Ctrl-C: cancel the job if it is still queued (stopped before it was claimed), or
+    ours and not ended. Returns its status then ("cancelling": asked to stop), None if gone."""
+    from app.db import session_scope
+    from app.jobs import request_cancel
+    from app.models import Job
+
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        if job.status == "queued" or (job.status == "running" and ours):
+            request_cancel(session, job_id)
+        return "cancelling" if job.status == "running" and job.cancel_requested else job.status
 
 
 def create_rows(settings: Settings, launch) -> int:
     """Run `launch(session)` (which creates rows, usually a job) and return what it returns."""
     from app.db import session_scope, upgrade
+    from app.jobs import QueueFull
     from app.params import ValidationError, readable
     from app.services.runs import NotFound
 
@@ -124,7 +195,7 @@ def create_rows(settings: Settings, launch) -> int:
             return launch(session)
     except ValidationError as error:
         raise CommandError(readable(error)) from error
-    except (NotFound, ValueError) as error:
+    except (NotFound, ValueError, QueueFull) as error:
         raise CommandError(str(error)) from error
 
 

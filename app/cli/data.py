@@ -56,6 +56,43 @@ def cmd_datasets(args, settings: Settings) -> dict:
     return {"datasets": datasets, "builtin": BUILTINS}
 
 
+@command("doctor")
+def cmd_doctor(args, settings: Settings) -> dict:
+    from app.db import upgrade
+
+    upgrade(settings)
+    report = clean_up(settings, dry_run=args.dry_run, full=True)
+    if not args.json:
+        verb = "Would remove" if args.dry_run else "Removed"
+        print(f"{verb} {len(report['staging'])} staging folders left by stopped processes, "
+              f"{report['files']} files no row references ({report['bytes']:,} bytes), "
+              f"{report['workers']} records of stopped workers.")
+        for name in report["staging"]:
+            print(f"  staging/{name}")
+        if report["in_use"]:
+            print("Left alone (in use by a live process or a queued job): "
+                  + ", ".join(f"staging/{name}" for name in report["in_use"]))
+    return report
+
+
+def clean_up(settings: Settings, *, dry_run: bool, full: bool) -> dict:
+    """The sweep of `diffmine doctor` (full: also every file under images/ and thumbs/ that no
+    row references) and of `diffmine serve` as it starts (staging only)."""
+    from app.db import session_scope
+    from app.ingest.staging import sweep
+    from app.jobs import Workers, expire_dead_owners, prune_dead_workers
+
+    report = sweep(settings, dry_run=dry_run, unreferenced=full).as_json()
+    workers = Workers.of(settings)
+    report["workers"] = len(workers.dead)
+    if not dry_run:
+        # Jobs of dead workers resume at the next claim; then their records can go.
+        with session_scope(settings) as session:
+            expire_dead_owners(session, workers)
+        prune_dead_workers(settings)
+    return report
+
+
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     ingest = sub.add_parser("ingest", parents=[common], help="add a labeled image dataset")
     ingest.add_argument("source", help="a zip, a folder, or builtin:twemoji / builtin:animals")
@@ -82,3 +119,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     add_queue_flags(ingest)
 
     sub.add_parser("datasets", parents=[common], help="list datasets, label sets and counts")
+
+    doctor = sub.add_parser("doctor", parents=[common],
+                            help="remove what killed processes left: staging folders, files no "
+                                 "row references (never what a live process or queued job uses)")
+    doctor.add_argument("--dry-run", action="store_true", help="only say what would be removed")

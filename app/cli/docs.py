@@ -18,8 +18,13 @@ a progress bar on stderr for long work) or, with `--json`, one JSON object on st
 status 0 on success; on failure it prints a one-line reason on stderr, exits non-zero and leaves
 nothing written. `--home DIR` (or `DIFFMINE_HOME`) selects the data directory (database, files,
 indexes). Long commands run in the foreground; `--queue` puts the work on the worker's queue and
-prints the job id (`{"job": ID}`), `--wait` also follows it to the end. `serve` and `demo` listen on
-127.0.0.1:8000 unless `--host`/`--port` (or `DIFFMINE_HOST`/`DIFFMINE_PORT`) say otherwise.
+prints the job id (`{"job": ID}`), `--wait` also follows it to the end. Ctrl-C on a foreground
+command cancels its job at the next step (a second Ctrl-C: at once), keeps what it finished
+(checkpoints) and prints the `diffmine resume JOB` that goes on from there (exit status 130). The
+same command run again while its job is queued or running gets that job, not a second one; a
+dataset may have `DIFFMINE_MAX_PENDING_JOBS_PER_DATASET` (20) jobs queued or running at once.
+`serve` and `demo` listen on 127.0.0.1:8000 unless `--host`/`--port` (or
+`DIFFMINE_HOST`/`DIFFMINE_PORT`) say otherwise.
 """
 
 

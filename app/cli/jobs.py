@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from app.cli.common import CommandError, command
+from app.cli.common import CommandError, add_queue_flags, command, run_job
 from app.settings import Settings
 
 
@@ -21,11 +21,13 @@ def cmd_worker(args, settings: Settings) -> None:
 @command("jobs")
 def cmd_jobs(args, settings: Settings) -> dict:
     from app.db import session_scope, upgrade
-    from app.jobs import job_json, list_jobs
+    from app.jobs import Workers, job_json, list_jobs
 
     upgrade(settings)
+    workers = Workers.of(settings)
     with session_scope(settings) as session:
-        jobs = [job_json(j) for j in list_jobs(session, active_only=not args.all, limit=args.limit)]
+        jobs = [job_json(j, workers=workers)
+                for j in list_jobs(session, active_only=not args.all, limit=args.limit)]
     if not args.json:
         if not jobs:
             print("No queued or running jobs." if not args.all else "No jobs.")
@@ -34,16 +36,18 @@ def cmd_jobs(args, settings: Settings) -> dict:
             eta = f" eta {job['eta_seconds']:.0f}s" if job["eta_seconds"] else ""
             print(f"{job['id']:>5} {job['kind']:<10} {job['status']:<10}{fraction}{eta} "
                   f"{job['stage'] or ''} {job['message'] or ''} {job['error'] or ''}".rstrip())
+            if job["status"] == "stalled":
+                print(f"      {'resumable' if job['resumable'] else 'stalled'}: {job['resume']}")
     return {"jobs": jobs}
 
 
 @command("cancel")
 def cmd_cancel(args, settings: Settings) -> dict:
     from app.db import session_scope
-    from app.jobs import job_json, request_cancel
+    from app.jobs import Workers, job_json, request_cancel
 
     with session_scope(settings) as session:
-        job = request_cancel(session, args.job)
+        job = request_cancel(session, args.job, workers=Workers.of(settings))
         if job is None:
             raise CommandError(f"no job {args.job}")
         result = job_json(job)
@@ -51,6 +55,21 @@ def cmd_cancel(args, settings: Settings) -> dict:
         print(f"Job {args.job}: {result['status']}"
               + (" (stops at its next step)" if result["cancel_requested"] else ""))
     return result
+
+
+@command("resume")
+def cmd_resume(args, settings: Settings) -> dict:
+    from app.db import session_scope, upgrade
+    from app.jobs import QueueFull, Workers, resume_job
+
+    upgrade(settings)
+    try:
+        with session_scope(settings) as session:
+            job = resume_job(session, job_id=args.job, workers=Workers.of(settings))
+            kind = job.kind
+    except (LookupError, ValueError, QueueFull) as error:
+        raise CommandError(str(error)) from error
+    return run_job(args, settings, args.job, kind)
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -67,3 +86,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a job")
     cancel.add_argument("job", type=int)
+
+    resume = sub.add_parser("resume", parents=[common],
+                            help="resume a cancelled, failed or stalled job from its checkpoints")
+    resume.add_argument("job", type=int)
+    add_queue_flags(resume)

@@ -14,7 +14,7 @@ from app.cli.common import (
     settings_environment,
     wait_for_job,
 )
-from app.cli.data import print_ingested
+from app.cli.data import clean_up, print_ingested
 from app.settings import Settings
 
 
@@ -27,6 +27,12 @@ def serve(settings: Settings, *, with_worker: bool, processes: int) -> None:
     from app.web import create_app
 
     upgrade(settings)
+    # What killed processes left (staging folders, files no row references); never what a live
+    # request, ingest or job uses. `diffmine doctor` also walks the whole data folder.
+    report = clean_up(settings, dry_run=False, full=False)
+    if report["staging"] or report["files"]:
+        print(f"Removed what stopped processes left: {len(report['staging'])} staging folders, "
+              f"{report['files']} files no row references.", flush=True)
     print(f"diffmine is serving {settings.home_dir} at http://{settings.host}:{settings.port}/",
           flush=True)
     # A worker beside the server, so that what a visitor starts (a translation click, a run)

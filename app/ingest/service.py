@@ -2,6 +2,7 @@
 error removes both, so a failed upload leaves the database and data folder as they were."""
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -23,6 +24,7 @@ from app.ingest.images import check_image, content_path, thumb_suffix, write_thu
 from app.ingest.manifest import ManifestOptions
 from app.ingest.plant import Mark, plant_marks
 from app.ingest.sources import open_source, source_limits
+from app.ingest.staging import PUBLISHED, PUBLISHED_FOLDERS, claim, discard_if_abandoned, pause_point
 from app.models import Dataset, Image, ImageLabel, Label, LabelSet
 from app.settings import Settings
 
@@ -90,9 +92,12 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
             entries = plant_marks(entries, Mark(plant_mark, plant_fraction, plant_size, seed))
         # A job passes its own key, so a retry after a killed worker clears the dead attempt's files.
         staging = settings.staging_dir / (staging_key or uuid.uuid4().hex)
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_if_abandoned(settings, staging)
+        # Ours until removed: a sweep (diffmine doctor) leaves a folder alone while it is held.
+        owner = claim(staging, "ingest")
         try:
             kept, duplicates = _stage_images(settings, entries, staging, progress)
+            pause_point("staged")
             label_sets = _label_sets(kept, specs, min_images_per_label or settings.min_images_per_label)
             _assign_holdout(kept, next(iter(label_sets)), holdout, seed)
             _check_every_label_trains(kept, label_sets, holdout)
@@ -101,6 +106,7 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
         finally:
             close()
             shutil.rmtree(staging, ignore_errors=True)
+            owner.release()
         return IngestReport(dataset=name, images=len(kept), duplicates=len(duplicates),
                             duplicate_paths=duplicates,
                             label_sets={s: dict(c) for s, c in label_sets.items()})
@@ -194,14 +200,14 @@ def _stage_images(settings: Settings, entries: list[Entry], staging: Path,
 def _stage_one(settings, entry: Entry, data: bytes, checked, staging: Path) -> _Kept:
     small = max(checked.width, checked.height) <= settings.thumbnail_px
     thumb_rel = "thumbs/" + content_path(checked.sha256, thumb_suffix((checked.width, checked.height)))
-    if not (small and entry.in_place_path is None) and not (settings.home_dir / thumb_rel).exists():
+    if not (small and entry.in_place_path is None) and not _link_existing(settings, thumb_rel, staging):
         write_thumbnail(checked.rgb, staging / thumb_rel, settings.thumbnail_px)
     if entry.in_place_path is not None:
         # Referenced, not copied: the engine's loader converts to RGB when it reads the file.
         stored = str(entry.in_place_path.resolve())
     else:
         stored = "images/" + content_path(checked.sha256, checked.suffix)
-        if not (settings.home_dir / stored).exists():
+        if not _link_existing(settings, stored, staging):
             target = staging / stored
             target.parent.mkdir(parents=True, exist_ok=True)
             checked.write(target, data)
@@ -210,6 +216,24 @@ def _stage_one(settings, entry: Entry, data: bytes, checked, staging: Path) -> _
         thumb_rel = stored
     return _Kept(entry=entry, sha256=checked.sha256, width=checked.width, height=checked.height,
                  stored_path=stored, thumb_path=thumb_rel)
+
+
+def _link_existing(settings: Settings, relative: str, staging: Path) -> bool:
+    """True when the data folder already has this content-addressed file (another dataset's).
+    A hard link to it is staged where the file system allows, so that the ingest still has the
+    file if a sweep deletes it as unreferenced before this ingest's rows are committed."""
+    existing = settings.home_dir / relative
+    if not existing.exists():
+        return False
+    target = staging / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(existing, target)
+    except FileNotFoundError:
+        return False  # swept just now: stage our own copy
+    except OSError:
+        pass  # no hard links here: rely on the file (checked again under the lock at publish)
+    return True
 
 
 def _label_sets(kept: list[_Kept], specs: dict[str, LabelSetSpec],
@@ -301,7 +325,11 @@ def _commit(settings: Settings, *, name, source, in_place, kept, label_sets, spe
                      for set_name, labels in item.entry.labels.items() for label in set(labels)]
             if links:
                 session.execute(insert(ImageLabel), links)
-            moved = _publish(staging, settings.home_dir)
+            # The rows' inserts hold the database's write lock until the commit: no sweep
+            # deletes a file between the move and the commit (app/ingest/staging.py).
+            staged = _publish(staging, settings.home_dir, moved)
+            _check_present(settings.home_dir, kept, staged)
+            pause_point("published")
     except BaseException:
         for path in moved:
             path.unlink(missing_ok=True)
@@ -339,16 +367,34 @@ def _insert_labels(session, dataset_id: int, kept, label_sets, specs) -> dict[tu
     return ids
 
 
-def _publish(staging: Path, home: Path) -> list[Path]:
-    """Move staged files into the data folder; return the ones this ingest created."""
-    created = []
-    if not staging.exists():
-        return created
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+def _publish(staging: Path, home: Path, moved: list[Path]) -> set[str]:
+    """Move staged files into the data folder, adding the ones this ingest created to `moved`;
+    return every staged path (relative). The moved ones are listed first (PUBLISHED, in the
+    staging folder), so that if this process dies before its commit, the sweep finds the files
+    no row references."""
+    staged = sorted(p for folder in PUBLISHED_FOLDERS for p in (staging / folder).rglob("*")
+                    if p.is_file())
+    relative = {p.relative_to(staging).as_posix() for p in staged}
+    moving = [path for path in staged if not (home / path.relative_to(staging)).exists()]
+    if moving:
+        (staging / PUBLISHED).write_text("".join(f"{p.relative_to(staging).as_posix()}\n" for p in moving))
+    for path in moving:
         target = home / path.relative_to(staging)
-        if target.exists():
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         path.replace(target)
-        created.append(target)
-    return created
+        moved.append(target)
+    return relative
+
+
+def _check_present(home: Path, kept: list[_Kept], staged: set[str]) -> None:
+    """Every file the new rows reference is in the data folder: the staged ones were moved
+    there or found there; the others (where no hard link could be staged) are checked here,
+    under the write lock, so they stay until the commit."""
+    for item in kept:
+        for relative in (item.stored_path, item.thumb_path):
+            if relative in staged or Path(relative).is_absolute():
+                continue
+            if not (home / relative).is_file():
+                raise IngestError(f"{relative} was removed from the data folder while this ingest "
+                                  f"ran (a sweep found no row for it); ingest again",
+                                  path=item.entry.path)

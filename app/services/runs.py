@@ -8,7 +8,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.jobs import enqueue
+from app.jobs import enqueue, lock_queue, pending_job
 from app.models import Cluster, Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun, TrainedModel
 from app.params import MineOptions, RunParams, TrainConfig
 from app.settings import Settings
@@ -94,6 +94,9 @@ def examples(session: Session, settings: Settings, *, label_set_id: int, split: 
 
 
 # --- launching work: rows first, then the job that fills them --------------------------------
+# A launch that asks for what a queued or running job already does (a double-clicked form, a
+# command run twice) gets that job and its rows back, not a second set: the check and the new
+# rows are made under the queue's write lock (app/jobs.py), so concurrent requests agree.
 def new_model(session: Session, settings: Settings, *, dataset: str | int, label_set: str | None,
               backend: str = "pixel", **config) -> TrainedModel:
     ds = find_dataset(session, dataset)
@@ -108,12 +111,46 @@ def new_run(session: Session, *, model_id: int, params: RunParams) -> MiningRun:
     return create_run(session, model=model, params=params)
 
 
+def _same_model(session: Session, model_id: int | None, *, dataset: str | int, label_set: str | None,
+                backend: str, config: dict) -> bool:
+    """Whether model `model_id` is the one these options would create."""
+    model = session.get(TrainedModel, model_id) if model_id else None
+    if model is None:
+        return False
+    ds = find_dataset(session, dataset)
+    ls = find_label_set(session, ds, label_set)
+    recipe = TrainConfig.for_backend(backend, **config)
+    return (model.dataset_id, model.label_set_id, model.backend, model.config) == \
+        (ds.id, ls.id, backend, recipe.given() | {"seed": recipe.seed})
+
+
+def _same_run(session: Session, run_id: int | None, *, model_id: int, params: RunParams) -> bool:
+    run = session.get(MiningRun, run_id) if run_id else None
+    return run is not None and run.model_id == model_id and run.params == params.given()
+
+
 def launch_train(session: Session, settings: Settings, **options) -> tuple[TrainedModel, Job]:
+    lock_queue(session)
+    job = pending_job(session, "train", lambda p: _same_model(session, p.get("model_id"), **_model_options(options)))
+    if job is not None:
+        return session.get(TrainedModel, job.params["model_id"]), job
     model = new_model(session, settings, **options)
     return model, enqueue(session, kind="train", params={"model_id": model.id})
 
 
+def _model_options(options: dict) -> dict:
+    """new_model's options split into _same_model's keywords."""
+    options = dict(options)
+    return {"dataset": options.pop("dataset"), "label_set": options.pop("label_set", None),
+            "backend": options.pop("backend", "pixel"), "config": options}
+
+
 def launch_score(session: Session, *, model_id: int, params: RunParams) -> tuple[MiningRun, Job]:
+    lock_queue(session)
+    job = pending_job(session, "score", lambda p: p.get("model_id") == model_id
+                      and _same_run(session, p.get("run_id"), model_id=model_id, params=params))
+    if job is not None:
+        return session.get(MiningRun, job.params["run_id"]), job
     run = new_run(session, model_id=model_id, params=params)
     return run, enqueue(session, kind="score", params={"run_id": run.id, "model_id": run.model_id})
 
@@ -128,10 +165,29 @@ def run_past(session: Session, run_id: int, stage: str, missing: str) -> MiningR
     return run
 
 
+def _mining_job(session: Session, run: MiningRun, params: dict) -> Job | None:
+    """The active job mining `run` already: returned when it mines with the same `params`
+    (the run's params after this launch); a ValueError when it mines otherwise, since two jobs
+    would rewrite the same run's patches and clusters."""
+    for kind in ("mine", "pipeline"):
+        job = pending_job(session, kind, lambda p: p.get("run_id") == run.id)
+        if job is None:
+            continue
+        if kind == "mine" and run.params == params:
+            return job
+        raise ValueError(f"run {run.id} is already being mined by job {job.id} ({job.status}); "
+                         f"wait for it, or cancel it first (diffmine cancel {job.id})")
+    return None
+
+
 def launch_mine(session: Session, *, run_id: int, mine: MineOptions) -> Job:
+    lock_queue(session)
     run = run_past(session, run_id, "score", "is not scored yet")
+    params = {**run.params, "mine": mine.given()}
+    if (job := _mining_job(session, run, params)) is not None:
+        return job
     # New mining parameters redo the mining stages, never the scoring.
-    run.params = {**run.params, "mine": mine.given()}
+    run.params = params
     run.stages_done = [s for s in run.stages_done if s == "score"]
     return enqueue(session, kind="mine", params={"run_id": run.id})
 
@@ -141,11 +197,16 @@ def launch_recluster(session: Session, *, run_id: int, lookalike_threshold: floa
     (cosine above `lookalike_threshold`, if given, else the run's or the default 0.6).
 
     Patches, features and crops are kept: no image is rescored or re-embedded."""
+    lock_queue(session)
     run = run_past(session, run_id, "features", "has no features yet; run: diffmine mine")
+    params = run.params
     if lookalike_threshold is not None:
         mine = MineOptions.model_validate({**run.params.get("mine", {}),
                                            "lookalike_threshold": lookalike_threshold})
-        run.params = {**run.params, "mine": mine.given()}
+        params = {**run.params, "mine": mine.given()}
+    if (job := _mining_job(session, run, params)) is not None:
+        return job
+    run.params = params
     run.stages_done = [s for s in run.stages_done if s not in ("clusters", "trends")]
     return enqueue(session, kind="mine", params={"run_id": run.id})
 
@@ -164,9 +225,22 @@ def launch_pipeline(session: Session, settings: Settings, *, dataset: str | int,
                     label_set: str | None, run: RunParams, backend: str = "pixel",
                     **train_config) -> tuple[TrainedModel, MiningRun, Job]:
     """Model and run rows, and one pipeline job that trains, scores and mines. The model is
-    trained with the run's seed."""
+    trained with the run's seed. The same request while its job is queued or running gets that
+    job and its rows back."""
+    lock_queue(session)
+    config = dict(train_config, seed=run.seed)
+
+    def same(p: dict) -> bool:
+        return (_same_model(session, p.get("model_id"), dataset=dataset, label_set=label_set,
+                            backend=backend, config=config)
+                and _same_run(session, p.get("run_id"), model_id=p["model_id"], params=run))
+
+    job = pending_job(session, "pipeline", same)
+    if job is not None:
+        return (session.get(TrainedModel, job.params["model_id"]),
+                session.get(MiningRun, job.params["run_id"]), job)
     model = new_model(session, settings, dataset=dataset, label_set=label_set, backend=backend,
-                      seed=run.seed, **train_config)
+                      **config)
     mining_run = new_run(session, model_id=model.id, params=run)
     # Three long stages in one job: allow a lost worker in each, and one more.
     job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": mining_run.id},

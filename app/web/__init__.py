@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import upgrade
+from app.jobs import QueueFull
 from app.settings import REPO_ROOT, Settings
 from app.web.body_limit import BodyLimitMiddleware
 from app.web.deps import templates, wants_json
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(IntegrityError, conflict)
+    app.add_exception_handler(QueueFull, queue_full)
     app.add_middleware(JsonTwinMiddleware)
     app.add_middleware(SecurityMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware)  # outermost: a form's body is bounded before all
@@ -76,3 +78,10 @@ async def http_error(request: Request, exc: StarletteHTTPException):
                                       {"data": {"detail": exc.detail, "status": exc.status_code}},
                                       status_code=exc.status_code, headers=headers)
 
+
+
+async def queue_full(request: Request, exc: QueueFull):
+    """Too many jobs queued for a dataset (app/jobs.py): a 429 that says which limit, and how
+    to make room. Nothing of the request was kept (its transaction rolled back)."""
+    message = str(exc)
+    return await http_error(request, StarletteHTTPException(429, message[0].upper() + message[1:] + "."))

@@ -3,10 +3,11 @@ and runs, with the form that starts a run."""
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from app import catalog
 from app.ingest import TWEMOJI_CREDIT
-from app.jobs import job_json, list_jobs
+from app.jobs import Workers, job_json, list_jobs
 from app.params import MineOptions, RunParams, ValidationError, readable
 from app.services.datasets import dataset_json, dataset_samples, datasets_query, label_samples, load_dataset
 from app.services.galleries import models_of_dataset, runs_of_datasets
@@ -20,10 +21,11 @@ router = APIRouter(tags=["datasets"])
 def home(request: Request, session: SessionDep):
     datasets = session.scalars(datasets_query()).all()
     runs = runs_of_datasets(session, dataset_ids=[d.id for d in datasets])
+    workers = Workers.of(request.app.state.settings)
     data = {"datasets": [dict(dataset_json(d), runs=runs[d.id],
                               samples=[_thumb(i) for i in dataset_samples(session, d.id, limit=10)])
                          for d in datasets],
-            "jobs": [job_json(j) for j in list_jobs(session, active_only=True, limit=10)]}
+            "jobs": [job_json(j, workers=workers) for j in list_jobs(session, active_only=True, limit=10)]}
     credit = TWEMOJI_CREDIT if any(d.source == "builtin:twemoji" for d in datasets) else None
     return render(request, "index.html", {"data": data, "credit": credit, "form": form_defaults(),
                                           "limits": upload_limits(request.app.state.settings),
@@ -109,8 +111,18 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
         if backend == "stable-diffusion" and not config["base"]:
             raise ValueError("the stable-diffusion backend needs base weights: a Stable Diffusion "
                              "folder on the server")
-        _, mining_run, job = launch_pipeline(session, settings, dataset=dataset.id, label_set=label_set,
-                                             backend=backend, run=run, **config)
+
+
+        def launch():
+            # Under the queue's write lock until the commit (an identical request gets this
+            # job): off the event loop, so that a request waiting for the lock never stalls
+            # the one holding it.
+            launched = launch_pipeline(session, settings, dataset=dataset.id, label_set=label_set,
+                                       backend=backend, run=run, **config)
+            session.commit()
+            return launched
+
+        _, mining_run, job = await run_in_threadpool(launch)
     except (ValueError, NotFound) as error:
         session.rollback()
         message = readable(error) if isinstance(error, ValidationError) else str(error)

@@ -5,21 +5,22 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from sqlalchemy import select
 
-from app.jobs import ACTIVE, job_json, list_jobs, request_cancel
+from app.jobs import ACTIVE, Workers, job_json, list_jobs, request_cancel
 from app.models import Dataset, Job
-from app.web.deps import CSRF, SessionDep, is_htmx, redirect, render
+from app.web.deps import CSRF, SessionDep, SettingsDep, is_htmx, redirect, render
 
 router = APIRouter(tags=["jobs"])
 
 
 @router.get("/jobs", summary="Recent jobs, newest first")
-def jobs_page(request: Request, session: SessionDep, limit: int = 100):
-    jobs = [job_json(j) for j in list_jobs(session, limit=min(max(limit, 1), 500))]
+def jobs_page(request: Request, session: SessionDep, settings: SettingsDep, limit: int = 100):
+    workers = Workers.of(settings)  # a running job whose worker is gone shows as stalled
+    jobs = [job_json(j, workers=workers) for j in list_jobs(session, limit=min(max(limit, 1), 500))]
     return render(request, "jobs.html", {"data": {"jobs": jobs}})
 
 
-def job_data(session, job: Job) -> dict:
-    data = job_json(job)
+def job_data(session, job: Job, settings) -> dict:
+    data = job_json(job, workers=Workers.of(settings))
     data["active"] = job.status in ACTIVE
     data["links"] = job_links(session, job)
     return data
@@ -52,24 +53,24 @@ def _job_or_404(session, job_id: int) -> Job:
 
 
 @router.get("/jobs/{job_id:int}", summary="One job: stage, done/total, rate, ETA, log tail")
-def job_page(request: Request, job_id: int, session: SessionDep):
-    data = job_data(session, _job_or_404(session, job_id))
+def job_page(request: Request, job_id: int, session: SessionDep, settings: SettingsDep):
+    data = job_data(session, _job_or_404(session, job_id), settings)
     return render(request, "job.html", {"data": data})
 
 
 @router.get("/jobs/{job_id:int}/progress", summary="The job's progress panel (polled by the page)")
-def job_progress(request: Request, job_id: int, session: SessionDep):
-    data = job_data(session, _job_or_404(session, job_id))
+def job_progress(request: Request, job_id: int, session: SessionDep, settings: SettingsDep):
+    data = job_data(session, _job_or_404(session, job_id), settings)
     return render(request, "_job.html", {"data": data, "job": data})
 
 
 @router.post("/jobs/{job_id:int}/cancel", dependencies=CSRF, summary="Cancel a job")
-def cancel_job(request: Request, job_id: int, session: SessionDep):
-    job = request_cancel(session, job_id)
+def cancel_job(request: Request, job_id: int, session: SessionDep, settings: SettingsDep):
+    job = request_cancel(session, job_id, workers=Workers.of(settings))
     if job is None:
         raise HTTPException(404, f"There is no job {job_id}.")
     session.flush()
     if is_htmx(request):
-        data = job_data(session, job)
+        data = job_data(session, job, settings)
         return render(request, "_job.html", {"data": data, "job": data})
     return redirect(request, f"/jobs/{job_id}", data=job_json(job))

@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.ingest import IngestError, ingest_dataset
 from app.ingest.manifest import MANIFEST_SUFFIXES
 from app.ingest.sources import check_zip, source_limits
+from app.ingest.staging import claim
 from app.jobs import enqueue
 from app.services.datasets import dataset_id_by_name
 from app.services.uploads import set_dataset_source
@@ -44,6 +45,9 @@ def upload_page(request: Request, settings: SettingsDep):
                                 "bin, holdout, in_place, seed")
 async def upload(request: Request, settings: SettingsDep):
     directory = settings.staging_dir / "uploads" / uuid.uuid4().hex
+    # Owned by this request until it ends (a sweep leaves it alone meanwhile); a queued ingest
+    # job that reads it keeps it after that (app/ingest/staging.py).
+    owner = claim(directory, "upload")
     header_token = request.headers.get(CSRF_HEADER)
 
     def before_file(form: StreamedForm) -> None:
@@ -68,6 +72,10 @@ async def upload(request: Request, settings: SettingsDep):
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    finally:
+        if form is None or form.file_path is None:
+            shutil.rmtree(directory, ignore_errors=True)  # nothing uploaded: a server folder
+        owner.release()
     return outcome
 
 
