@@ -7,12 +7,12 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.settings import REPO_ROOT, Settings
+from app.settings import MIN_TOKEN_LENGTH, REPO_ROOT, Settings
 from app.web.deps import templates, wants_json
 from app.web.files import ImmutableFiles
 from app.web.json_twin import JsonTwinMiddleware
 from app.web.page_cache import PageCache
-from app.web.security import SecurityMiddleware
+from app.web.security import LoginGuard, SecurityMiddleware
 from app.web.views import auth, clusters, datasets, images, jobs, parallel, patches, runs, uploads
 
 DESCRIPTION = """Mine what is visually typical of each label of an image dataset.
@@ -24,6 +24,8 @@ Every page is also JSON: the same URL with `.json` appended (`/runs/1/labels/3.j
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    if settings.token and len(settings.token) < MIN_TOKEN_LENGTH:  # a Settings made by model_copy
+        raise ValueError(f"the access token must have at least {MIN_TOKEN_LENGTH} characters")
     app = FastAPI(title="diffmine", version="0.1.0", description=DESCRIPTION,
                   docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     app.state.settings = settings
@@ -31,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.label_lists = {}  # rendered label menus per run (views/runs.py)
     app.state.dataset_samples = {}  # sample thumbnails per dataset (views/datasets.py)
     app.state.page_cache = PageCache()  # gallery pages of ready runs (web/page_cache.py)
+    app.state.login_guard = LoginGuard(settings)  # login throttle and logged-out sessions
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
     # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
     # under a name.
@@ -42,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(JsonTwinMiddleware)
-    app.add_middleware(SecurityMiddleware, settings=settings)  # outermost: before anything
+    # outermost: before anything (Host check, token, throttle, CSRF nonce, security headers)
+    app.add_middleware(SecurityMiddleware, settings=settings, guard=app.state.login_guard)
     return app
 
 
