@@ -8,10 +8,12 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: An access token shorter than this is refused: a guessable token is no lock.
+MIN_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -22,7 +24,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device")
-    token: str | None = Field(None, description="access token; when set, every request needs it")
+    token: str | None = Field(None, description="access token; when set, every request needs it "
+                              f"(at least {MIN_TOKEN_LENGTH} characters)")
+    # The web boundary (docs/security.md, "The web boundary").
+    allowed_hosts: str = Field("", description="more host names the web app answers to, "
+                               "comma-separated (always: 127.0.0.1, localhost, [::1] and the "
+                               "host it listens on); '*' turns the Host check off")
+    allow_no_token: bool = Field(False, description="serve on a non-loopback address without an "
+                                 "access token (refused otherwise)")
+    allowed_bases: str = Field("", description="base weights the web's run form may name besides "
+                               "model folders under the data directory: folders or hub ids, "
+                               "comma-separated")
     # Scoring and DIFT features on a Ray cluster (worker/ray_backend.py); unset: in the worker.
     ray_address: str | None = Field(None, description="Ray cluster for scoring and DIFT features: "
                                     "'local' starts Ray on this machine, anything else is "
@@ -56,6 +68,32 @@ class Settings(BaseSettings):
     # setting, and ingests) beyond this are refused with a clear message (429 on the web).
     max_pending_jobs_per_dataset: int = Field(20, ge=1, description="queued and running jobs a "
                                               "dataset may have at once (translations apart)")
+
+    @field_validator("port")
+    @classmethod
+    def _port_in_range(cls, port: int) -> int:
+        if not 1 <= port <= 65535:
+            raise ValueError(f"a port is between 1 and 65535, got {port}")
+        return port
+
+    @field_validator("token")
+    @classmethod
+    def _token_long_enough(cls, token: str | None) -> str | None:
+        if not token:
+            return None  # DIFFMINE_TOKEN="" means no token
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"the access token has {len(token)} characters, fewer than {MIN_TOKEN_LENGTH}; "
+                "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+        return token
+
+    @property
+    def extra_allowed_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+
+    @property
+    def allowed_base_list(self) -> list[str]:
+        return [b.strip() for b in self.allowed_bases.split(",") if b.strip()]
 
     @cached_property
     def home_dir(self) -> Path:

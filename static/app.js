@@ -1,4 +1,6 @@
 // diffmine's small page behaviours: upload progress, label filter, heatmap opacity/threshold.
+// The Content-Security-Policy allows no inline script or style attribute (docs/security.md):
+// pages give computed geometry as data-style, and behaviours as data- attributes handled here.
 (function () {
   "use strict";
 
@@ -42,6 +44,14 @@
     link.classList.add("current");
   });
   document.addEventListener("change", function (event) {
+    if (event.target.matches("select[data-autosubmit]")) {
+      event.target.form.submit();
+      return;
+    }
+    if (event.target.matches("select[data-go]")) {
+      location.href = event.target.dataset.go + encodeURIComponent(event.target.value);
+      return;
+    }
     if (event.target.classList.contains("show-boxes")) {
       var viewer = event.target.closest(".viewer-wrap").querySelector(".viewer");
       viewer.classList.toggle("hide-boxes", !event.target.checked);
@@ -70,7 +80,28 @@
     canvas.style.opacity = opacity ? opacity.value / 100 : 0.7;
   }
 
+  document.addEventListener("click", function (event) {
+    var back = event.target.closest && event.target.closest("a.go-back");
+    if (back && history.length > 1) {
+      event.preventDefault();
+      history.back();
+    }
+  });
+
+  // Computed geometry (bars, boxes, aspect ratios): set through the CSSOM, which the policy
+  // allows, where a style attribute would be refused.
+  function applyStyles(root) {
+    var elements = Array.prototype.slice.call(root.querySelectorAll("[data-style]"));
+    if (root.matches && root.matches("[data-style]")) elements.push(root);
+    elements.forEach(function (element) {
+      if (element._styled) return;  // once: scripts may style it further (heatmap opacity)
+      element._styled = true;
+      element.style.cssText = element.dataset.style;
+    });
+  }
+
   function setUp(root) {
+    applyStyles(root);
     root.querySelectorAll("canvas.heatmap[data-src]").forEach(function (canvas) {
       if (canvas._source) return;
       var image = new Image();

@@ -13,6 +13,9 @@ from pathlib import Path
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Starlette's TestClient sends `Host: testserver`: a name the web app answers to only when told
+# (docs/security.md, "The web boundary"). Servers the tests start are reached as 127.0.0.1.
+os.environ.setdefault("DIFFMINE_ALLOWED_HOSTS", "testserver")
 
 import pytest
 from PIL import Image, ImageDraw

@@ -32,21 +32,21 @@ def test_environment_variables(clean_environment, tmp_path):
     url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
     clean_environment.setenv("DIFFMINE_DATABASE_URL", url)
     clean_environment.setenv("DIFFMINE_DEVICE", "cpu")
-    clean_environment.setenv("DIFFMINE_TOKEN", "secret")
+    clean_environment.setenv("DIFFMINE_TOKEN", "secret-of-16-chars")
     settings = Settings()
     assert settings.db_url == url
-    assert (settings.device, settings.token) == ("cpu", "secret")
+    assert (settings.device, settings.token) == ("cpu", "secret-of-16-chars")
 
 
 def test_flags_override_the_environment(clean_environment, tmp_path):
     clean_environment.setenv("DIFFMINE_DEVICE", "cuda")
     args = build_parser().parse_args([
         "datasets", "--home", str(tmp_path / "h"), "--database-url", "sqlite:///x.sqlite",
-        "--device", "cpu", "--token", "t0ken"])
+        "--device", "cpu", "--token", "t0ken-of-16-chars"])
     settings = settings_from(args)
     assert settings.home_dir == tmp_path / "h"
     assert (settings.database_url, settings.device, settings.token) == (
-        "sqlite:///x.sqlite", "cpu", "t0ken")
+        "sqlite:///x.sqlite", "cpu", "t0ken-of-16-chars")
 
 
 def test_unset_flags_keep_the_environment(clean_environment):
@@ -60,3 +60,8 @@ def test_child_processes_get_the_flagged_settings(clean_environment, tmp_path):
     assert settings_environment(settings) == {
         "DIFFMINE_HOME": str(tmp_path), "DIFFMINE_HOST": "127.0.0.1", "DIFFMINE_PORT": "8000",
         "DIFFMINE_DATABASE_URL": "sqlite:///x.sqlite", "DIFFMINE_DEVICE": "cpu"}
+
+
+def test_an_empty_token_is_no_token(clean_environment):
+    clean_environment.setenv("DIFFMINE_TOKEN", "")
+    assert Settings().token is None

@@ -7,7 +7,7 @@ from app.web import create_app
 from app.web.security import AUTH_COOKIE
 from tests.web_helpers import csrf_from, form_token
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-of-20ch"
 
 
 @pytest.fixture

@@ -239,5 +239,17 @@ def settings_environment(settings: Settings) -> dict[str, str]:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """The environment's settings, with the flags given on the command line overriding them."""
+    from pydantic import ValidationError
+
     overrides = {k: getattr(args, k) for k in SETTING_FLAGS if getattr(args, k, None) is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:  # e.g. --port 99999: refused, never taken modulo 65536
+        raise CommandError("; ".join(_setting_error(e) for e in error.errors())) from None
+
+
+def _setting_error(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else "setting"
+    where = f"DIFFMINE_{field.upper()}" + (f" or --{field.replace('_', '-')}"
+                                           if field in SETTING_FLAGS else "")
+    return f"bad setting {field} ({where}): {error['msg'].removeprefix('Value error, ')}"

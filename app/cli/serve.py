@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 
 from app.cli.common import (
+    CommandError,
     command,
     create_rows,
     progress_bar,
@@ -25,7 +26,15 @@ def serve(settings: Settings, *, with_worker: bool, processes: int) -> None:
 
     from app.db import upgrade
     from app.web import create_app
+    from app.web.security import allowed_hosts, is_loopback
 
+    exposed = not is_loopback(settings.host)
+    if exposed and not settings.token and not settings.allow_no_token:
+        raise CommandError(
+            f"refusing to serve on {settings.host} without an access token: anyone who can reach "
+            "that address could read and change everything. Set DIFFMINE_TOKEN (16 characters or "
+            "more), or, if something else guards the address (a firewall, a container port "
+            "published on loopback only), pass --allow-no-token (DIFFMINE_ALLOW_NO_TOKEN=1).")
     upgrade(settings)
     # What killed processes left (staging folders, files no row references); never what a live
     # request, ingest or job uses. `diffmine doctor` also walks the whole data folder.
@@ -35,6 +44,11 @@ def serve(settings: Settings, *, with_worker: bool, processes: int) -> None:
               f"{report['files']} files no row references.", flush=True)
     print(f"diffmine is serving {settings.home_dir} at http://{settings.host}:{settings.port}/",
           flush=True)
+    if exposed:
+        names = allowed_hosts(settings)
+        print("Answering to the host names " + (", ".join(sorted(names)) if names else "(any)")
+              + ("" if names is None else "; add others with DIFFMINE_ALLOWED_HOSTS") + ".",
+              flush=True)
     # A worker beside the server, so that what a visitor starts (a translation click, a run)
     # gets done: the web process itself never runs a model.
     worker = start_worker(settings) if with_worker else None
@@ -55,7 +69,14 @@ def serve(settings: Settings, *, with_worker: bool, processes: int) -> None:
 
 @command("serve")
 def cmd_serve(args, settings: Settings) -> None:
-    serve(settings, with_worker=args.with_worker, processes=args.processes)
+    serve(address_settings(args, settings), with_worker=args.with_worker, processes=args.processes)
+
+
+def address_settings(args, settings: Settings) -> Settings:
+    """The settings with --allow-no-token applied (a flag of serve and demo only)."""
+    if args.allow_no_token:
+        return settings.model_copy(update={"allow_no_token": True})
+    return settings
 
 
 def start_worker(settings: Settings):
@@ -77,6 +98,7 @@ def cmd_demo(args, settings: Settings) -> None:
     from app.services.datasets import dataset_by_name
     from app.services.demo import DATASET, demo_jobs
 
+    settings = address_settings(args, settings)
     if dataset_by_name(settings, DATASET) is None:
         result = ingest_dataset(settings, source="builtin:twemoji", name=DATASET, seed=args.seed,
                                 progress=progress_bar("ingest", args.json)).as_json()
@@ -137,5 +159,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 
 def add_address_flags(parser: argparse.ArgumentParser) -> None:
     """Where the web app listens (default: $DIFFMINE_HOST, $DIFFMINE_PORT, else 127.0.0.1:8000)."""
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
+    parser.add_argument("--host", help="address to listen on (default: $DIFFMINE_HOST or 127.0.0.1); "
+                                       "any but loopback needs an access token or --allow-no-token")
+    parser.add_argument("--port", type=int, help="port, 1-65535 (default: $DIFFMINE_PORT or 8000)")
+    parser.add_argument("--allow-no-token", action="store_true",
+                        help="serve on a non-loopback address without an access token (default: "
+                             "$DIFFMINE_ALLOW_NO_TOKEN or refused); only where something else "
+                             "guards the address")

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Image, ImageLabel, ImageScore, Label, LabelSet, MiningRun, Patch, TrainedModel
+from app.models import Dataset, Image, ImageLabel, ImageScore, Label, LabelSet, MiningRun, Patch, TrainedModel
 from app.params import TrainConfig
 from app.settings import Settings
 
@@ -37,11 +37,27 @@ def image_url(image_id: int, stored_path: str) -> str:
 
 
 def stored_file(settings: Settings, session: Session, *, image_id: int) -> Path | None:
+    """The image's file, resolved, if it is still where its dataset keeps files: under the
+    dataset's root folder (in-place datasets: the root as resolved at ingest) or under the data
+    directory. A symlink planted after the ingest that leads elsewhere gives None: the web
+    never serves a file outside those folders."""
     image = session.get(Image, image_id)
     if image is None:
         return None
     path = Path(image.stored_path)
-    return path if path.is_absolute() else settings.home_dir / path
+    if path.is_absolute():
+        dataset = session.get(Dataset, image.dataset_id)
+        if dataset is None or not dataset.root:
+            return None
+        root = Path(dataset.root)  # not resolved again: a root swapped for a symlink fails too
+    else:
+        root = settings.home_dir
+        path = root / path
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return None
+    return resolved if resolved.is_relative_to(root) else None
 
 
 def runs_for_dataset(session: Session, *, dataset_id: int) -> list[dict]:

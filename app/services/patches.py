@@ -11,8 +11,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Cluster, ClusterMember, Image, Label, Patch
+from app.models import Cluster, ClusterMember, Label, Patch
 from app.services.galleries import _PATCH_COLUMNS, patch_json
+from app.services.images import stored_file
 from app.settings import Settings
 
 SIMILAR_K = 24
@@ -104,8 +105,8 @@ def crop_file(settings: Settings, session: Session, *, patch_id: int) -> Path | 
     """The patch's crop: the mining job's file, or (for a run mined before its crops stage)
     cut from the original image once and kept under the same name."""
     row = session.execute(select(Patch.run_id, Patch.crop_path, Patch.x0, Patch.y0, Patch.x1,
-                                 Patch.y1, Image.stored_path)
-                          .join(Image, Image.id == Patch.image_id).where(Patch.id == patch_id)).first()
+                                 Patch.y1, Patch.image_id)
+                          .where(Patch.id == patch_id)).first()
     if row is None:
         return None
     relative = row.crop_path or f"runs/{row.run_id}/crops/{patch_id}.png"
@@ -116,8 +117,9 @@ def crop_file(settings: Settings, session: Session, *, patch_id: int) -> Path | 
 
     from app.ingest.images import to_rgb
 
-    source = Path(row.stored_path)
-    source = source if source.is_absolute() else settings.home_dir / source
+    source = stored_file(settings, session, image_id=row.image_id)  # never outside its folder
+    if source is None:
+        return None
     with PILImage.open(source) as image:
         crop = to_rgb(image).crop((row.x0, row.y0, row.x1, row.y1))
     if max(crop.size) > CROP_PX:

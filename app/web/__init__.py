@@ -12,13 +12,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import upgrade
 from app.jobs import QueueFull
-from app.settings import REPO_ROOT, Settings
+from app.settings import MIN_TOKEN_LENGTH, REPO_ROOT, Settings
 from app.web.body_limit import BodyLimitMiddleware
 from app.web.deps import templates, wants_json
 from app.web.files import ImmutableFiles
 from app.web.json_twin import JsonTwinMiddleware
 from app.web.page_cache import PageCache
-from app.web.security import SecurityMiddleware
+from app.web.security import LoginGuard, SecurityMiddleware
 from app.web.views import auth, clusters, datasets, images, jobs, parallel, patches, runs, uploads
 
 DESCRIPTION = """Mine what is visually typical of each label of an image dataset.
@@ -30,6 +30,8 @@ Every page is also JSON: the same URL with `.json` appended (`/runs/1/labels/3.j
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    if settings.token and len(settings.token) < MIN_TOKEN_LENGTH:  # a Settings made by model_copy
+        raise ValueError(f"the access token must have at least {MIN_TOKEN_LENGTH} characters")
     # Once, here: never per request (Alembic's upgrade is not thread-safe, and requests run in
     # threads). Each server process does it; the schema lock makes them take turns.
     upgrade(settings)
@@ -42,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # at once (views/uploads.py).
     app.state.page_cache = PageCache(settings.page_cache_bytes)
     app.state.inline_ingests = threading.BoundedSemaphore(settings.max_inline_ingests)
+    app.state.login_guard = LoginGuard(settings)  # login throttle and logged-out sessions
     app.mount("/static", StaticFiles(directory=REPO_ROOT / "static"), name="static")
     # Content-addressed files (images, thumbnails) and a run's crops and heatmaps never change
     # under a name.
@@ -55,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(IntegrityError, conflict)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_middleware(JsonTwinMiddleware)
-    app.add_middleware(SecurityMiddleware, settings=settings)
+    # Host check, token, throttle, CSRF nonce, security headers
+    app.add_middleware(SecurityMiddleware, settings=settings, guard=app.state.login_guard)
     app.add_middleware(BodyLimitMiddleware)  # outermost: a form's body is bounded before all
     return app
 

@@ -67,11 +67,13 @@ def is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
 
-def render(request: Request, template: str, context: dict, *, status_code: int = 200):
+def render(request: Request, template: str, context: dict, *, status_code: int = 200,
+           headers: dict | None = None):
     """The page, or its JSON twin: `context["data"]` is what both show."""
     if wants_json(request):
-        return JSONResponse(context["data"], status_code=status_code)
-    return templates.TemplateResponse(request, template, context, status_code=status_code)
+        return JSONResponse(context["data"], status_code=status_code, headers=headers)
+    return templates.TemplateResponse(request, template, context, status_code=status_code,
+                                      headers=headers)
 
 
 def redirect(request: Request, url: str, *, data: dict | None = None) -> Response:

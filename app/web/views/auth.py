@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 
 from app.web.deps import CSRF, SettingsDep, render, wants_json
-from app.web.security import AUTH_COOKIE, auth_cookie_value, safe_next, token_matches
+from app.web.security import AUTH_COOKIE, SESSION_SECONDS, client_of, retry_after, safe_next, token_matches
 
 router = APIRouter(tags=["auth"])
 
@@ -16,26 +16,38 @@ def login_page(request: Request, settings: SettingsDep, next: str = "/"):
     return render(request, "login.html", {"data": data, "error": None})
 
 
-@router.post("/login", dependencies=CSRF, summary="Log in with the access token (form field 'token')")
+@router.post("/login", dependencies=CSRF, summary="Log in with the access token (form field 'token'); "
+             "failed attempts are throttled per client (429)")
 async def login(request: Request, settings: SettingsDep):
     form = await request.form()
     target = safe_next(form.get("next"))
     if not settings.token:
         return RedirectResponse(target, status_code=303)
+    guard, client = request.app.state.login_guard, client_of(request.scope)
+    data = {"token_required": True, "next": target}
+    wait = guard.throttle.wait(client)
+    if wait:
+        message = f"Too many failed attempts: try again in {retry_after(wait)} s."
+        return render(request, "login.html", {"data": data, "error": message}, status_code=429,
+                      headers={"Retry-After": retry_after(wait)})
     if not token_matches(settings.token, str(form.get("token") or "")):
-        data = {"token_required": True, "next": target}
+        guard.throttle.failed(client)
         return render(request, "login.html", {"data": data, "error": "That is not the access token."},
                       status_code=401)
+    guard.throttle.succeeded(client)
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(AUTH_COOKIE, auth_cookie_value(settings.token), httponly=True,
-                        samesite="lax", max_age=30 * 24 * 3600)
+    response.set_cookie(AUTH_COOKIE, guard.new_cookie(), httponly=True, samesite="lax",
+                        max_age=SESSION_SECONDS, secure=request.url.scheme == "https")
     return response
 
 
-@router.post("/logout", dependencies=CSRF, summary="Log out (forget the login cookie)")
+@router.post("/logout", dependencies=CSRF,
+             summary="Log out: the login cookie is revoked, and no longer works even if replayed")
 def logout(request: Request):
+    request.app.state.login_guard.log_out(request.cookies.get(AUTH_COOKIE))
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(AUTH_COOKIE)
+    response.delete_cookie(AUTH_COOKIE, httponly=True, samesite="lax",
+                           secure=request.url.scheme == "https")
     return response
 
 

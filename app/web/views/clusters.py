@@ -10,6 +10,7 @@ from app.services.runs import NotFound
 from app.services.runs import mark_artifact as mark_artifact_of
 from app.services.translations import CLUSTER_MEMBERS, cluster_translations, request_cluster_translations
 from app.web.deps import CSRF, SessionDep, is_htmx, redirect, render
+from app.web.ids import Offset
 from app.web.page_cache import touch
 from app.web.views.runs import credit_for, load_run
 
@@ -26,7 +27,7 @@ def load_cluster(session, cluster_id: int) -> dict:
 @router.get("/clusters/{cluster_id:int}",
             summary="A cluster: members, typicality across labels, artifact mark")
 def cluster_page(request: Request, cluster_id: int, session: SessionDep,
-                 offset: int = Query(0, ge=0), limit: int = Query(MEMBERS_PER_PAGE, ge=1, le=1000)):
+                 offset: Offset = 0, limit: int = Query(MEMBERS_PER_PAGE, ge=1, le=1000)):
     cluster = load_cluster(session, cluster_id)
     run = load_run(session, cluster["run"])
     page = cluster_members(session, cluster_id=cluster_id, offset=offset, limit=limit)

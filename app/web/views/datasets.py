@@ -9,6 +9,7 @@ from app import catalog
 from app.ingest import TWEMOJI_CREDIT
 from app.jobs import Workers, job_json, list_jobs
 from app.params import MineOptions, RunParams, ValidationError, readable
+from app.services.bases import web_base
 from app.services.datasets import dataset_json, dataset_samples, datasets_query, label_samples, load_dataset
 from app.services.galleries import models_of_dataset, runs_of_datasets
 from app.services.runs import NotFound, launch_pipeline
@@ -107,11 +108,10 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
                   "batch_size": _int(form, "batch_size", 1, 4096),
                   "processes": _int(form, "processes", 1, 1024),
                   "size": size if backend == "pixel" else None,
-                  "base": (form.get("base") or "").strip() or None}
+                  "base": web_base(settings, base=form.get("base"))}
         if backend == "stable-diffusion" and not config["base"]:
-            raise ValueError("the stable-diffusion backend needs base weights: a Stable Diffusion "
-                             "folder on the server")
-
+            raise ValueError("the stable-diffusion backend needs base weights: a model folder "
+                             "under the data directory, or one listed in DIFFMINE_ALLOWED_BASES")
 
         def launch():
             # Under the queue's write lock until the commit (an identical request gets this

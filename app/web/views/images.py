@@ -18,6 +18,7 @@ from app.services.images import (
     stored_file,
 )
 from app.web.deps import SessionDep, SettingsDep, render
+from app.web.ids import QueryId
 
 router = APIRouter(tags=["images"])
 CACHE_FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
@@ -25,8 +26,8 @@ CACHE_FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 @router.get("/images/{image_id:int}",
             summary="An image with a label's heatmap, its patches and its scores per label")
-def image_page(request: Request, image_id: int, session: SessionDep, run: int | None = None,
-               label: int | None = None):
+def image_page(request: Request, image_id: int, session: SessionDep, run: QueryId = None,
+               label: QueryId = None):
     image = image_info(session, image_id=image_id)
     if image is None:
         raise HTTPException(404, f"There is no image {image_id}.")

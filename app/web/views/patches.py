@@ -12,6 +12,7 @@ from app.services.patches import SIMILAR_K, crop_file, patch_info, similar_patch
 from app.services.runs import NotFound
 from app.services.translations import jobs_for, request_translation, translation_json, translation_key
 from app.web.deps import CSRF, SessionDep, SettingsDep, is_htmx, redirect, render
+from app.web.ids import QueryId
 from app.web.views.images import CACHE_FOREVER
 from app.web.views.runs import credit_for, load_run
 
@@ -51,7 +52,7 @@ def patch_page(request: Request, patch_id: int, session: SessionDep):
 @router.get("/patches/{patch_id:int}/similar",
             summary="More like this: the nearest patches by DIFT feature (cosine similarity)")
 def similar(request: Request, patch_id: int, session: SessionDep, settings: SettingsDep,
-            k: int = Query(SIMILAR_K, ge=1, le=200), label: int | None = None):
+            k: int = Query(SIMILAR_K, ge=1, le=200), label: QueryId = None):
     patch = load_patch(session, patch_id)
     found = similar_patches(settings, session, patch=patch, k=k, label_id=label)
     data = {"patch": patch_id, "label": label, "k": k, "similar": found}

@@ -20,6 +20,7 @@ from app.services.galleries import (
 )
 from app.services.runs import launch_recluster
 from app.web.deps import CSRF, SessionDep, SettingsDep, is_htmx, redirect, render, templates, wants_json
+from app.web.ids import Offset, QueryId
 from app.web.page_cache import run_version, touch
 
 router = APIRouter(tags=["galleries"])
@@ -44,7 +45,7 @@ def load_label(session, run: dict, label_id: int) -> dict:
 
 
 @router.get("/runs/{run_id:int}", summary="A run: status and every label's top cluster")
-def run_page(request: Request, run_id: int, session: SessionDep, offset: int = Query(0, ge=0)):
+def run_page(request: Request, run_id: int, session: SessionDep, offset: Offset = 0):
     run = load_run(session, run_id)
     labels = labels_of_set(session, label_set_id=run["label_set"]["id"])
     overview = run_label_overview(session, run_id=run_id, labels=labels, offset=offset)
@@ -91,7 +92,7 @@ def _page_args(show_artifacts: bool) -> str:
 @router.get("/runs/{run_id:int}/labels/{label_id:int}",
             summary="A label's gallery: its clusters in rank order, each with its first members")
 async def gallery(request: Request, run_id: int, label_id: int, artifacts: bool = False,
-                  offset: int = Query(0, ge=0),
+                  offset: Offset = 0,
                   per_page: int = Query(CLUSTERS_PER_PAGE, ge=1, le=50),
                   members: int = Query(MEMBERS_INLINE, ge=0, le=200)):
     # The busiest page runs on the event loop: a few indexed SQLite reads (about a
@@ -138,8 +139,8 @@ def _gallery(request, session, run_id, label_id, artifacts, offset, per_page, me
 
 
 @router.get("/runs/{run_id:int}/compare", summary="Two labels' galleries side by side")
-def compare(request: Request, run_id: int, session: SessionDep, a: int | None = None,
-            b: int | None = None, artifacts: bool = False):
+def compare(request: Request, run_id: int, session: SessionDep, a: QueryId = None,
+            b: QueryId = None, artifacts: bool = False):
     run = load_run(session, run_id)
     labels = labels_of_set(session, label_set_id=run["label_set"]["id"])
     if not labels:
