@@ -7,8 +7,9 @@ Sections (ratios are taken within one run, so machine load cancels out):
 
 * steps: training step time at a fixed crop size R = 32 against the image size N (32..256),
   data loading included. Crops are R x R whatever N is, so it should stay flat.
-* scoring: seconds per image to score the whole image at N = 32, 64, 128, 256 (fast preset at
-  4 draws, one image per call): should grow with the pixels, (N / 32)^2.
+* scoring: seconds per image to score a 3:2 image at N = 32, 64, 128, 256 (fast preset at
+  4 draws, one image per call), as the score job does it (tiles of the 32 px training size
+  beyond it) and whole: should grow with the pixels, (N / 32)^2.
 * planted: an 8 px mark planted in 128 px images of one label. Models trained on 32 px crops of
   the images at 128 px score them whole; the share of the label's top patches lying on the mark
   is the detail found. Compared: the UNet with attention at its coarsest level (as trained on
@@ -34,7 +35,7 @@ from worker.engine.data import ImageDataset, View, multi_hot  # noqa: E402
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label  # noqa: E402
 from worker.engine.presets import FAST  # noqa: E402
 from worker.engine.registry import create_pixel_denoiser  # noqa: E402
-from worker.engine.tiles import tiled_typicality  # noqa: E402
+from worker.engine.tiles import tiled_typicality, typicality_as_trained  # noqa: E402
 from worker.engine.training import train  # noqa: E402
 from worker.engine.typicality import typicality  # noqa: E402
 
@@ -96,16 +97,20 @@ def bench_scoring(folder: Path, device: str, quick: bool) -> list[dict]:
     model = create_pixel_denoiser(["a", "b"], resolution=32, seed=0, size="small").to(device)
     preset = FAST.with_(draws=4)
     rows = []
-    for size in SIZES:
+    for size in SIZES[:2] if quick else SIZES:
         view = View(size)
         loaded = [view.load(p)[None].to(device) for p, _ in images]
         condition = multi_hot([0], 2)
-        typicality(model, loaded[0], condition, preset, seed=0)  # warm-up
-        per_image = seconds(lambda xs=loaded, c=condition: [typicality(model, x, c, preset, seed=0) for x in xs])
-        per_image /= len(loaded)
-        rows.append({"image_size": size, "shape": list(loaded[0].shape[-2:]), "seconds_per_image": per_image})
+        row = {"image_size": size, "shape": list(loaded[0].shape[-2:])}
+        # as the score job does it (tiles of the training size beyond it), and the whole image
+        for name, score in (("seconds_per_image", typicality_as_trained), ("whole_seconds_per_image", typicality)):
+            score(model, loaded[0], condition, preset, seed=0)  # warm-up
+            row[name] = seconds(lambda xs=loaded, c=condition, f=score: [f(model, x, c, preset, seed=0)
+                                                                           for x in xs]) / len(loaded)
+        rows.append(row)
     for row in rows:
         row["vs_32"] = row["seconds_per_image"] / rows[0]["seconds_per_image"]
+        row["whole_vs_32"] = row["whole_seconds_per_image"] / rows[0]["whole_seconds_per_image"]
         row["pixels_vs_32"] = (row["shape"][0] * row["shape"][1]) / (rows[0]["shape"][0] * rows[0]["shape"][1])
     return rows
 

@@ -12,8 +12,9 @@ def test_quick_path_reports_scoring_and_planted(tmp_path):
     report = bench.main(["--quick", "--sections", "scoring,planted", "--steps", "2", "--images", "8",
                          "--draws", "2", "--out", str(tmp_path / "out.json")])
     sizes = [row["image_size"] for row in report["scoring"]]
-    assert sizes == [32, 64, 128, 256] and report["scoring"][0]["vs_32"] == 1
-    assert report["scoring"][-1]["shape"] == [256, 384]  # the whole 3:2 image
+    assert sizes == [32, 64] and report["scoring"][0]["vs_32"] == 1
+    assert report["scoring"][-1]["shape"] == [64, 96]  # the whole 3:2 image
     variants = report["planted"]["variants"]
-    assert len(variants) == 3 and all(0 <= v["top_patches_on_mark"] <= 1 for v in variants.values())
+    assert len(variants) == 5 and all(0 <= v["top_patches_on_mark"] <= 1 for v in variants.values())
+    assert sum("tiles" in name for name in variants) == 2
     assert (tmp_path / "out.json").exists()

@@ -114,11 +114,13 @@ def test_a_failed_first_ingest_removes_only_what_it_made(tmp_path):
 # --- the web server ---------------------------------------------------------------------------
 @pytest.fixture
 def server(tmp_path):
-    """`diffmine serve` over a new data folder: (its URL, its data folder)."""
+    """`diffmine serve` over a new data folder: (its URL, its data folder). Every small upload is
+    ingested within its request here (no cap), so that concurrent ingests meet in the database."""
     home, port = tmp_path / "served", free_port()
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home", str(home),
                                 "--port", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, DIFFMINE_MAX_INLINE_INGESTS="8"))
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(base, process)
