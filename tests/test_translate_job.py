@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
@@ -48,6 +49,8 @@ def test_translate_a_patch_from_the_cli_then_from_the_cache(mined_settings, caps
     source = next(e for e in entries if e["is_source"])
     assert 0 <= source["reconstruction_error"] < 1 and source["reconstruction_error"] == result["reconstruction_error"]
     for entry in entries:
+        x0, y0, x1, y1 = entry["window_box"]  # where the patch lies in the 32 px window
+        assert entry["window"] == 32 and 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32
         crop = PILImage.open(home / entry["crop"])
         full = PILImage.open(home / entry["image"])
         assert full.size == (32, 32) and 1 <= crop.size[0] <= 32 and 1 <= crop.size[1] <= 32
@@ -148,3 +151,22 @@ def test_default_guidance_depends_on_backend_and_preset():
     assert resolve_params({"guidance": 5}, "pixel")["guidance"] == 5.0
     # one cache key for the default however it is spelled
     assert canonical_params({"guidance": 3}, "pixel") == canonical_params({}, "pixel") == {}
+
+
+def test_the_translation_window_is_an_r_crop_of_the_image_at_its_scoring_size(tmp_path):
+    """A model scoring whole images at N translates the R x R window of the image at N around
+    the patch: the patch keeps the detail it was mined at, no enlarged blob."""
+    import numpy as np
+
+    from worker.engine.data import View
+    from worker.handlers.translate import model_view
+
+    path = tmp_path / "wide.png"
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)).save(path)
+    box = [180, 40, 196, 56]  # 16 px at the right edge, in original pixels (8 px at N = 50)
+    window, in_window = model_view(path, (200, 100), box, 32, scored_at=50)
+    assert window.shape == (3, 32, 32)
+    x0, y0, x1, y1 = in_window
+    assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32 and round(x1 - x0) == 8 and round(y1 - y0) == 8
+    whole = View(50).load(path)  # [3, 50, 100]: the window is a piece of it, flush right
+    assert torch.equal(window, whole[:, 8:40, 68:100])  # centred on the box as far as it fits

@@ -17,8 +17,10 @@ def fill(settings, translation_id: int, *, status="ready"):
         t.status = status
         t.result_dir = f"runs/1/translations/{t.id}"
         t.results = [{"label": name, "label_id": i, "crop": "runs/1/crops/1.png",
+                      "image": "runs/1/crops/1.png", "window": 32, "window_box": [8, 4, 16, 12],
                       "typicality": 0.01 * i, "is_source": i == 1}
                      for i, name in ((1, "Bear"), (2, "Bird"), (3, "Cat"))]
+        t.results[0]["reconstruction_error"] = 0.125
 
 
 def test_translate_records_a_row_and_an_interactive_job(mined_settings, client):
@@ -60,6 +62,10 @@ def test_the_panel_shows_the_grid_once_ready(mined_settings, client):
     panel = client.get(f"/translations/{tid}/panel")
     assert "hx-trigger" not in panel.text
     assert panel.text.count("<figure") == 3 and "source" in panel.text
+    # each translated window with the patch outlined where it lies (8..16 of 32 px: 25%, 25% wide)
+    assert panel.text.count('class="window-box"') == 3
+    assert 'data-style="left: 25.0%; top: 12.5%; width: 25.0%; height: 25.0%"' in panel.text
+    assert "reconstruction error 0.125" in panel.text
     data = client.get(f"/translations/{tid}.json").json()
     assert data["ready"] and [r["label"] for r in data["results"]] == ["Bear", "Bird", "Cat"]
     # The patch page shows the cached result straight away.

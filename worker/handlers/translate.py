@@ -34,7 +34,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Image, ImageLabel, Patch, TrainedModel, Translation
-from app.params import TranslationOptions
+from app.params import TrainConfig, TranslationOptions
 from app.services.runs import labels_of
 from worker.context import JobContext, JobPreempted
 from worker.models import load_trained
@@ -75,11 +75,13 @@ def translate_row(context: JobContext, translation_id: int) -> dict:
         box, params = (list(row.box) if row.box else None), dict(row.params or {})
         model_id, weights, backend = model.id, settings.home_dir / model.weights_dir, model.backend
         configured = (model.config or {}).get("resolution")
+        recipe = TrainConfig.model_validate(model.config) if model.config else None
         image_path, image_size = settings.home_dir / image.stored_path, (image.width, image.height)
     options = TranslationOptions.model_validate(params).resolved(backend)
     denoiser = load_trained(context, model_id, weights)
     resolution = int(configured or model_resolution(denoiser))
-    view, model_box = model_view(image_path, image_size, box, resolution, options["context"])
+    scored_at = recipe.scoring_size if recipe is not None and recipe.view == "whole" else None
+    view, model_box = model_view(image_path, image_size, box, resolution, options["context"], scored_at=scored_at)
 
     label_ids = [label_id for label_id, _ in labels]
     own_indices = [i for i, label_id in enumerate(label_ids) if label_id in own]
@@ -109,7 +111,9 @@ def translate_row(context: JobContext, translation_id: int) -> dict:
         save_png(result.images[m][:, crop[1]:crop[3], crop[0]:crop[2]], folder / f"{label_id}.png")
         entry = {"label": name, "label_id": label_id, "crop": f"{relative}/{label_id}.png",
                  "image": f"{relative}/{label_id}.full.png", "typicality": translated_scores[m],
-                 "source_typicality": source_scores[m], "is_source": label_id in own}
+                 "source_typicality": source_scores[m], "is_source": label_id in own,
+                 # where the patch lies in the translated window (R x R model pixels)
+                 "window": resolution, "window_box": [round(v, 2) for v in model_box]}
         if label_id in own:
             entry.update(reconstruction_error=result.reconstruction_error, psnr=result.psnr)
         results.append(entry)
@@ -141,11 +145,14 @@ def context_window(box, image_size, context: float) -> tuple[int, int, int, int]
     return left, top, left + side, top + side
 
 
-def model_view(path, image_size, box, resolution: int, context: float | None = None):
+def model_view(path, image_size, box, resolution: int, context: float | None = None,
+               scored_at: int | None = None):
     """The image as the model sees it ([3, R, R] in [-1, 1]) and the box in its pixels.
 
-    Without `context`: the whole image, resized and center-cropped as for scoring (the box
-    must overlap the crop). With it: a square window around the box, resized to R.
+    With `context`: a square window around the box, resized to R. Else, for a model that scores
+    whole images at `scored_at` (N): the R x R window of the image at N centred on the box, so the
+    patch keeps the detail it was found at (the whole image when that is R x R). Else the image
+    resized and center-cropped as for scoring (the box must overlap the crop).
     """
     from worker.engine.data import load_rgb, resize_shorter_side, to_tensor
     from worker.engine.patches import box_to_model
@@ -153,6 +160,8 @@ def model_view(path, image_size, box, resolution: int, context: float | None = N
     picture = load_rgb(path)
     if picture.size != tuple(image_size):
         image_size = picture.size
+    if box is not None and context is None and scored_at is not None:
+        return window_at_scoring_size(picture, image_size, box, resolution, scored_at)
     if box is not None and context is not None:
         window = context_window(box, image_size, float(context))
         picture = picture.crop(window)
@@ -169,6 +178,22 @@ def model_view(path, image_size, box, resolution: int, context: float | None = N
         raise ValueError(f"box {list(box[:4])} lies outside the model's center crop of the image; "
                          f"translate it with a context window (params context, e.g. 2)")
     return view, clipped
+
+
+def window_at_scoring_size(picture, image_size, box, resolution: int, size: int):
+    """[3, R, R] window of the picture resized to shorter side `size`, centred on the box as far
+    as the image allows, and the box in the window's pixels."""
+    from worker.engine.data import resize_shorter_side, to_tensor
+    from worker.engine.patches import box_to_model
+
+    resized = resize_shorter_side(picture, size)
+    x0, y0, x1, y1 = box_to_model(box[:4], size, image_size, whole=True)[:4]
+    left = min(max(0, round((x0 + x1 - resolution) / 2)), resized.width - resolution)
+    top = min(max(0, round((y0 + y1 - resolution) / 2)), resized.height - resolution)
+    window = to_tensor(resized.crop((left, top, left + resolution, top + resolution)))
+    clipped = (max(0.0, x0 - left), max(0.0, y0 - top), min(float(resolution), x1 - left),
+               min(float(resolution), y1 - top))
+    return window, clipped
 
 
 def crop_box(box, resolution: int) -> tuple[int, int, int, int]:
