@@ -41,7 +41,7 @@ def create_model(session: Session, settings: Settings, *, dataset: Dataset, labe
     """A model row; `config` is TrainConfig's fields, None or absent for the backend's default."""
     recipe = TrainConfig.for_backend(backend, **config)
     model = TrainedModel(dataset_id=dataset.id, label_set_id=label_set.id, backend=backend,
-                         config=recipe.given() | {"seed": recipe.seed, "view": recipe.view},
+                         config=stored_config(recipe),
                          weights_dir="", status="queued")
     session.add(model)
     session.flush()
@@ -111,6 +111,12 @@ def new_run(session: Session, *, model_id: int, params: RunParams) -> MiningRun:
     return create_run(session, model=model, params=params)
 
 
+def stored_config(recipe: TrainConfig) -> dict:
+    """A model's config as stored: what differs from the defaults, with its seed and its view
+    always written (a later change of a default never reinterprets a stored model)."""
+    return recipe.given() | {"seed": recipe.seed, "view": recipe.view}
+
+
 def _same_model(session: Session, model_id: int | None, *, dataset: str | int, label_set: str | None,
                 backend: str, config: dict) -> bool:
     """Whether model `model_id` is the one these options would create."""
@@ -121,7 +127,7 @@ def _same_model(session: Session, model_id: int | None, *, dataset: str | int, l
     ls = find_label_set(session, ds, label_set)
     recipe = TrainConfig.for_backend(backend, **config)
     return (model.dataset_id, model.label_set_id, model.backend, model.config) == \
-        (ds.id, ls.id, backend, recipe.given() | {"seed": recipe.seed})
+        (ds.id, ls.id, backend, stored_config(recipe))
 
 
 def _same_run(session: Session, run_id: int | None, *, model_id: int, params: RunParams) -> bool:
