@@ -139,3 +139,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def kill_started():
+    """The processes a test registered with `tests.helpers.started` are gone after it."""
+    from tests.helpers import kill_started as kill
+
+    yield
+    kill()
+
+
+@pytest.fixture
+def pets_home(tmp_path) -> Path:
+    """A data folder holding one small dataset, "pets": 6 cats and 6 dogs."""
+    from app.ingest import ingest_dataset
+
+    source = write_folder(tmp_path / "pets", label_files({"cat": 6, "dog": 6}))
+    home = tmp_path / "home"
+    ingest_dataset(Settings(home=home), source=str(source), name="pets", min_images_per_label=3)
+    return home

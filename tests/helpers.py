@@ -79,3 +79,22 @@ def job_row(settings: Settings | Path, job_id: int) -> Job:
         row = session.get(Job, job_id)
         session.expunge(row)
         return row
+
+
+# --- processes a test starts ----------------------------------------------------------------------
+_STARTED: list = []
+
+
+def started(process):
+    """Register a process a test started: conftest's `kill_started` kills it after the test, even
+    one that fails halfway."""
+    _STARTED.append(process)
+    return process
+
+
+def kill_started() -> None:
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)

@@ -23,23 +23,9 @@ from app.models import Dataset, Image
 from app.settings import Settings
 from tests.cli_helpers import diffmine_json
 from tests.conftest import label_files, snapshot, write_folder
-from tests.helpers import free_port, wait_for_server, wait_until
+from tests.helpers import free_port, started, wait_for_server, wait_until
 
 PAUSE = "DIFFMINE_TEST_PAUSE_AT"
-
-
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    """The processes a test started are gone after it, even when it fails halfway."""
-    yield
-    while STARTED:
-        process = STARTED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -53,9 +39,8 @@ def settings(tmp_path) -> Settings:
 
 def start(settings: Settings, *args, pause: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, **({PAUSE: pause} if pause else {}))
-    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(settings.home_dir)],
+    return started(subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(settings.home_dir)],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return STARTED[-1]
 
 
 def paused(process: subprocess.Popen, point: str) -> None:
@@ -157,10 +142,9 @@ def post(base: str, body: bytes, content_type: str, timeout: float = 60) -> dict
 
 def serve(settings: Settings, port: int, log, *, pause: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, **({PAUSE: pause} if pause else {}))
-    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home",
+    return started(subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home",
                                      str(settings.home_dir), "--port", str(port)],
                                     env=env, stdout=log, stderr=log))
-    return STARTED[-1]
 
 
 def test_a_web_server_killed_during_uploads_and_ingests_leaves_nothing_for_good(settings, tmp_path):

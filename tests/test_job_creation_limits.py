@@ -15,11 +15,9 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.ingest import ingest_dataset
 from app.models import Job, MiningRun, TrainedModel
 from app.settings import Settings
 from tests.cli_helpers import diffmine_in_process
-from tests.conftest import label_files, write_folder
 from tests.helpers import free_port, wait_for_server
 
 RUN_FORM = {"preset": "fast", "backend": "pixel", "size": "tiny", "steps": "20", "draws": "2",
@@ -27,11 +25,8 @@ RUN_FORM = {"preset": "fast", "backend": "pixel", "size": "tiny", "steps": "20",
 
 
 @pytest.fixture
-def home(tmp_path):
-    source = write_folder(tmp_path / "pets", label_files({"cat": 6, "dog": 6}))
-    home = tmp_path / "home"
-    ingest_dataset(Settings(home=home), source=str(source), name="pets", min_images_per_label=3)
-    return home
+def home(pets_home):
+    return pets_home
 
 
 def counts(home) -> tuple[int, int, int]:

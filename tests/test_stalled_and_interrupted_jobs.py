@@ -12,44 +12,24 @@ import urllib.request
 import pytest
 
 from app.db import session_scope
-from app.ingest import ingest_dataset
 from app.models import Job
 from app.settings import Settings
 from tests.cli_helpers import diffmine_json, run_diffmine
-from tests.conftest import label_files, write_folder
-from tests.helpers import free_port, job_row, wait_for_server, wait_until
+from tests.helpers import free_port, job_row, started, wait_for_server, wait_until
 
 TRAIN = ["--size", "tiny", "--batch-size", "4", "--checkpoint-every", "5"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    """The processes a test started are gone after it, even when it fails halfway."""
-    yield
-    while STARTED:
-        process = STARTED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
 @pytest.fixture
-def home(tmp_path):
-    source = write_folder(tmp_path / "pets", label_files({"cat": 6, "dog": 6}))
-    home = tmp_path / "home"
-    ingest_dataset(Settings(home=home), source=str(source), name="pets", min_images_per_label=3)
-    return home
+def home(pets_home):
+    return pets_home
 
 
 def start(home, *args) -> subprocess.Popen:
     """A `diffmine` command in the foreground of its own process, as a user types it."""
-    STARTED.append(subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(home)],
+    return started(subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--home", str(home)],
                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return STARTED[-1]
 
 
 def training_past(home, job_id: int, step: int, process: subprocess.Popen | None = None):
@@ -130,7 +110,7 @@ def test_a_dead_workers_job_shows_stalled_in_the_cli_and_on_the_jobs_page(home, 
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--home", str(home),
                                "--port", str(port)], env=ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
-    STARTED.append(server)
+    started(server)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(base, server)
