@@ -94,6 +94,8 @@ def test_upload_run_browse_and_translate(server, browser, tmp_path):
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})")
             if ("/static/" in r.url or "/files/" in r.url) and "ERR_ABORTED" not in (r.failure or "")
             else None)
+    page.on("response", lambda r: problems.append(f"{r.status} for {r.url}")
+            if r.status >= 400 and ("/static/" in r.url or "/files/" in r.url) else None)
     expect.set_options(timeout=15_000)
 
     def shot(name: str) -> None:
