@@ -41,11 +41,6 @@ class Params(BaseModel):
         return self.model_dump(exclude_defaults=True)
 
 
-def check_catalog(names: tuple, declared) -> None:
-    """Literal types above must list the catalog's names (a test calls this)."""
-    assert tuple(declared.__args__) == tuple(names), (declared, names)
-
-
 # --- models --------------------------------------------------------------------------------------
 #: Per-backend training defaults: the pixel model is trained from scratch on small crops; Stable
 #: Diffusion is fine-tuned at its native 512 px with the paper's batch of 8 (docs/method.md).

@@ -16,6 +16,11 @@ from app.params import (
 )
 
 
+def check_catalog(names: tuple, declared) -> None:
+    """A Literal type of app/params.py lists exactly the catalog's names."""
+    assert tuple(declared.__args__) == tuple(names), (declared, names)
+
+
 def test_engine_presets_are_the_catalogs():
     from worker.engine import presets, translation
 
@@ -26,12 +31,12 @@ def test_engine_presets_are_the_catalogs():
 
 
 def test_literal_types_list_the_catalogs_names():
-    params.check_catalog(tuple(catalog.TYPICALITY_PRESETS), params.Preset)
-    params.check_catalog(tuple(catalog.TRANSLATION_PRESETS), params.TranslationPresetName)
-    params.check_catalog(catalog.BACKENDS, params.Backend)
-    params.check_catalog(catalog.VIEWS, params.View)
-    params.check_catalog(catalog.PRECISIONS, params.Precision)
-    params.check_catalog(catalog.SELECTIONS, params.Selection)
+    check_catalog(tuple(catalog.TYPICALITY_PRESETS), params.Preset)
+    check_catalog(tuple(catalog.TRANSLATION_PRESETS), params.TranslationPresetName)
+    check_catalog(catalog.BACKENDS, params.Backend)
+    check_catalog(catalog.VIEWS, params.View)
+    check_catalog(catalog.PRECISIONS, params.Precision)
+    check_catalog(catalog.SELECTIONS, params.Selection)
     assert set(BACKEND_DEFAULTS) == set(catalog.BACKENDS)
 
 
