@@ -23,3 +23,26 @@ def test_jobs_run_side_by_side_and_the_workers_stop(mined_settings):
     leftover = [p for p in psutil.process_iter(["cmdline"])
                 if home in " ".join(p.info["cmdline"] or []) and "worker" in (p.info["cmdline"] or [])]
     assert not leftover  # the workers are gone once the jobs are done
+
+
+def test_the_demo_mines_at_the_image_size_asked_for(tmp_path):
+    """`diffmine demo --image-size N`: the shipped 32 px models, their runs scored at N; a run
+    mined at another size does not count as this demo's."""
+    from app.ingest import ingest_dataset
+    from app.models import MiningRun, TrainedModel
+    from app.services.demo import demo_jobs, ready_run
+    from app.settings import Settings
+
+    settings = Settings(home=tmp_path / "home")
+    ingest_dataset(settings, source="builtin:twemoji", name="twemoji", limit_per_label=5, min_images_per_label=1)
+    with session_scope(settings) as session:
+        jobs = demo_jobs(session, settings, retrain=False, image_size=48)
+        runs = session.query(MiningRun).all()
+        assert len(jobs) == len(runs) == 2
+        assert all(RunParams.model_validate(r.params).image_size == 48 for r in runs)
+        model = session.get(TrainedModel, runs[0].model_id)
+        assert model.config["resolution"] == 32 and model.status == "ready"
+        runs[0].status = "ready"
+        label_set_id = model.label_set_id
+        session.flush()
+        assert ready_run(session, label_set_id, 48) is runs[0] and ready_run(session, label_set_id) is None

@@ -104,7 +104,8 @@ def cmd_demo(args, settings: Settings) -> None:
                                 progress=progress_bar("ingest", args.json)).as_json()
         if not args.json:
             print_ingested(result)
-    jobs = create_rows(settings, lambda session: demo_jobs(session, settings, retrain=args.retrain))
+    jobs = create_rows(settings, lambda session: demo_jobs(session, settings, retrain=args.retrain,
+                                                           image_size=args.image_size))
     for result in run_side_by_side(settings, jobs, json_mode=args.json):
         print(f"Mined run {result['run']}: {result['patches']} patches in {result['clusters']} "
               f"clusters.", flush=True)
@@ -155,6 +156,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--retrain", action="store_true",
                       help="train the demo models from scratch with the shipped recipe")
+    demo.add_argument("--image-size", type=int, metavar="N",
+                      help="mine the emoji at shorter side N (default 32, the shipped models' crops; "
+                           "larger sizes are scored through tiles of 32 px and cost more)")
 
 
 def add_address_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,13 +21,15 @@ WEIGHTS = REPO_ROOT / "demo" / "weights"
 MINING = RunParams(preset="fast", draws=4, mine=MineOptions(per_label=100, clusters=8, trend_members=3,
                                                            trend_draws=4))
 #: The recipe of the shipped weights, for `diffmine demo --retrain`.
-RECIPE = dict(backend="pixel", size="small", resolution=32, steps=2000, batch_size=256, seed=0)
+RECIPE = dict(size="small", resolution=32, steps=2000, batch_size=256, seed=0)  # a pixel model
 
 
-def ready_run(session: Session, label_set_id: int) -> MiningRun | None:
-    return session.scalar(select(MiningRun).join(TrainedModel)
-                          .where(TrainedModel.label_set_id == label_set_id,
-                                 MiningRun.status == "ready").order_by(MiningRun.id.desc()))
+def ready_run(session: Session, label_set_id: int, image_size: int | None = None) -> MiningRun | None:
+    """The label set's latest mined run at this image size (None: the model's own)."""
+    runs = session.scalars(select(MiningRun).join(TrainedModel)
+                           .where(TrainedModel.label_set_id == label_set_id, MiningRun.status == "ready")
+                           .order_by(MiningRun.id.desc()))
+    return next((run for run in runs if RunParams.model_validate(run.params).image_size == image_size), None)
 
 
 def shipped_model(session: Session, settings: Settings, label_set: LabelSet) -> TrainedModel:
@@ -45,22 +47,23 @@ def shipped_model(session: Session, settings: Settings, label_set: LabelSet) -> 
     return model
 
 
-def demo_jobs(session: Session, settings: Settings, *, retrain: bool) -> list[int]:
-    """Pipeline jobs for the label sets that have no mined run yet."""
+def demo_jobs(session: Session, settings: Settings, *, retrain: bool, image_size: int | None = None) -> list[int]:
+    """Pipeline jobs for the label sets that have no mined run yet (at `image_size`, if given)."""
     from app.jobs import enqueue
 
     dataset = find_dataset(session, DATASET)
     jobs = []
     for name in LABEL_SETS:
         label_set = find_label_set(session, dataset, name)
-        if ready_run(session, label_set.id) is not None:
+        if ready_run(session, label_set.id, image_size) is not None:
             continue
         if retrain:
             model = create_model(session, settings, dataset=dataset, label_set=label_set,
-                                 backend="pixel", config=dict(RECIPE))
+                                 backend="pixel", config=dict(RECIPE, image_size=image_size))
         else:
             model = shipped_model(session, settings, label_set)
-        run = new_run(session, model_id=model.id, params=MINING.model_copy(update={"seed": RECIPE["seed"]}))
+        run = new_run(session, model_id=model.id,
+                      params=MINING.model_copy(update={"seed": RECIPE["seed"], "image_size": image_size}))
         job: Job = enqueue(session, kind="pipeline", params={"model_id": model.id, "run_id": run.id},
                            max_attempts=5)
         jobs.append(job.id)
