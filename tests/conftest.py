@@ -54,6 +54,15 @@ def label_files(labels: dict[str, int], start: int = 0) -> dict[str, bytes]:
     return files
 
 
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A zip archive of `files` (name -> content), in memory: what a browser uploads."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
 def write_zip(path: Path, files: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files.items():

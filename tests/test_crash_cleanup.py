@@ -3,7 +3,6 @@ staging or between moving its files into images/ and its commit, and a web serve
 an upload or during the ingest inside the request, leave staging folders and files no row
 references; `diffmine doctor` (and `diffmine serve` as it starts) removes them, and never what a
 live ingest, request or queued job uses."""
-import io
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import zipfile
 
 import pytest
 from sqlalchemy import select
@@ -22,7 +20,7 @@ from app.ingest import ingest_dataset
 from app.models import Dataset, Image
 from app.settings import Settings
 from tests.cli_helpers import diffmine_json
-from tests.conftest import label_files, snapshot, write_folder
+from tests.conftest import label_files, snapshot, write_folder, zip_bytes
 from tests.helpers import free_port, started, wait_for_server, wait_until
 
 PAUSE = "DIFFMINE_TEST_PAUSE_AT"
@@ -125,14 +123,6 @@ def multipart(fields: dict, file_name: str, content: bytes, boundary: str = "dif
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def zip_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
 def post(base: str, body: bytes, content_type: str, timeout: float = 60) -> dict:
     request = urllib.request.Request(f"{base}/upload", data=body, method="POST",
                                      headers={"Content-Type": content_type, "Accept": "application/json"})
@@ -176,7 +166,7 @@ def test_a_web_server_killed_during_uploads_and_ingests_leaves_nothing_for_good(
         # A small zip, ingested inside the request: killed between moving its images into
         # images/ and its commit.
         body, content_type = multipart({"name": "small"}, "small.zip",
-                                       zip_of(label_files({"cat": 5, "dog": 5}, start=400)))
+                                       zip_bytes(label_files({"cat": 5, "dog": 5}, start=400)))
         threading.Thread(target=lambda: _ignore_errors(post, base, body, content_type), daemon=True).start()
         wait_until(lambda: "paused at published" in log_path.read_text(), timeout=120,
                    message="the ingest inside the request to pause before its commit")

@@ -1,24 +1,14 @@
 """Uploads from the browser: a zip streamed to disk and ingested (inline errors naming the bad
 file, nothing written), a size limit answered with a plain 413, larger uploads and server
 folders ingested by a worker job, manifests for server folders."""
-import io
-import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
 from app.web import create_app
-from tests.conftest import label_files, snapshot, write_folder
+from tests.conftest import label_files, snapshot, write_folder, zip_bytes
 from tests.web_helpers import form_token
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 @pytest.fixture

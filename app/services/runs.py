@@ -263,8 +263,7 @@ class RunRecord:
     params: RunParams
     stages_done: frozenset[str]
     model_id: int
-    backend: str
-    config: dict
+    config: TrainConfig
     weights: Path
     label_set_id: int
     #: (label id, name) in label order
@@ -272,19 +271,14 @@ class RunRecord:
     ordinal: bool
 
     @property
-    def resolution(self) -> int:
-        """The side of the square crops the model trained on."""
-        return int(self.config["resolution"])
-
-    @property
     def view_size(self) -> int:
         """The shorter side images are scored at: the run's image size, else the model's."""
-        return self.params.image_size or TrainConfig.model_validate(self.config).scoring_size
+        return self.params.image_size or self.config.scoring_size
 
     @property
     def whole_view(self) -> bool:
         """Scored whole (every pixel, any shape), or through the old centre square."""
-        return TrainConfig.model_validate(self.config).view == "whole"
+        return self.config.view == "whole"
 
     @property
     def label_ids(self) -> list[int]:
@@ -299,7 +293,7 @@ def load_run(session: Session, settings: Settings, run_id: int) -> RunRecord:
     label_set = session.get(LabelSet, model.label_set_id)
     return RunRecord(run_id=run.id, params=RunParams.model_validate(run.params),
                      stages_done=frozenset(run.stages_done or []), model_id=model.id,
-                     backend=model.backend, config=dict(model.config),
+                     config=TrainConfig.model_validate(model.config),
                      weights=settings.home_dir / model.weights_dir, label_set_id=label_set.id,
                      labels=tuple((label.id, label.name) for label in labels_of(session, label_set.id)),
                      ordinal=label_set.kind == "ordinal")

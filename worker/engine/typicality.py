@@ -20,10 +20,11 @@ its images one by one (up to float rounding of batched kernels).
 Any image size. The UNet's sides must be a multiple of `denoiser.spatial_multiple` (8 for the
 pixel models): other sizes are padded by reflection on the right and bottom, and the padding is
 cut out of every loss map before it is averaged, so maps have the image's own size and scores
-are means over its own pixels only. Padding, not tiles: the pixel model is convolutional, one
-pass over the whole image sees every pixel in its full context, and memory stays bounded by
-sending fewer rows per forward call as images grow (`_rows_per_call`). Drawn noise has the
-padded shape, so an image that needs no padding gets exactly the numbers it always got.
+are means over its own pixels only. Memory stays bounded by sending fewer rows per forward call
+as images grow (`_rows_per_call`). Drawn noise has the padded shape, so an image that needs no
+padding gets exactly the numbers it always got. This scores what it is given in one piece; the
+score job sends images larger than a pixel model's training crops through tiles of that size
+instead (worker/engine/tiles.py, where the measurement that decided it is cited).
 
 Standard errors: i.i.d. draws use std / sqrt(N). Stratified (and importance-sampled) draws use
 the collapsed-strata estimator (neighbouring strata paired; slightly conservative), since the
