@@ -26,8 +26,8 @@ from app.services.runs import Example, examples, load_run
 from app.settings import Settings
 from worker.context import JobContext
 from worker.executors import executor
-from worker.models import run_view
 from worker.handlers.evaluate import denoiser_resolution
+from worker.models import run_view
 from worker.pieces import run_pieces
 
 
