@@ -124,3 +124,27 @@ def test_stable_diffusion_models_from_before_score_their_centre_square_as_before
     by_image = {r["image_id"]: r["typicality"] for r in scores.records}
     assert torch.allclose(torch.tensor([by_image[i] for i in (1, 2, 3)]), before.scores, atol=1e-6)
     assert all(value.shape == (8, 8) for value in scores.maps.values())
+
+
+def test_a_stable_diffusion_run_off_64_px_is_refused_and_changes_nothing(mined_settings):
+    from sqlalchemy import func, select
+
+    from app.db import session_scope
+    from app.models import MiningRun, TrainedModel
+    from app.services.runs import new_model, new_run
+
+    with session_scope(mined_settings) as session:
+        model = new_model(session, mined_settings, dataset=1, label_set=None, backend="stable-diffusion",
+                          base="sd", resolution=SD_SIZE)
+        model_id, config = model.id, dict(model.config)
+        runs = session.scalar(select(func.count(MiningRun.id)))
+    assert config["view"] == "whole"  # new SD models score the whole image
+    with pytest.raises(ValueError, match="image size 100 px: stable-diffusion needs image sides that are "
+                                         "multiples of 64 px"):
+        with session_scope(mined_settings) as session:
+            new_run(session, model_id=model_id, params=RunParams(image_size=100))
+    with session_scope(mined_settings) as session:
+        assert session.scalar(select(func.count(MiningRun.id))) == runs
+        assert session.get(TrainedModel, model_id) is not None
+        run = new_run(session, model_id=model_id, params=RunParams(image_size=128))
+        assert run.params["image_size"] == 128
