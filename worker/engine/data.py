@@ -54,7 +54,8 @@ def resized_size(original_size: Sequence[int], size: int, multiple: int = 1) -> 
     """(W', H') of an original (W, H) image resized so that its shorter side is `size`.
 
     The longer side is the nearest whole multiple of `multiple` px to its exact scaled length (at
-    least `size`; `size` itself must be a multiple). Stable Diffusion takes `multiple` = 64: its
+    least `size`; `size` itself must be a multiple; Python's `round`, so a tie goes to the even
+    multiple, as the pixel path always rounded). Stable Diffusion takes `multiple` = 64: its
     VAE works at 1/8 and its UNet halves the latents three times, so both sides must divide by 64.
     Rounding to the nearest multiple, rather than padding, keeps every latent cell on real image
     (padding would add up to 56 px of invented border) for an aspect error of at most 32 px on the
