@@ -22,7 +22,7 @@ from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
 from app.services.runs import load_run
 from worker.context import JobContext
-from worker.models import load_trained
+from worker.models import load_trained, run_view
 
 STAGES = ("patches", "features", "clusters", "crops", "trends")
 FEATURE_BATCH = 16
@@ -33,7 +33,6 @@ class RunInfo:
     """What every stage needs to know about the run, read once."""
 
     def __init__(self, context: JobContext, run_id: int):
-        from worker.engine.data import View
         from worker.engine.patches import default_patch_size
 
         with session_scope(context.settings) as session:
@@ -44,7 +43,7 @@ class RunInfo:
         self.stages_done = set(record.stages_done)
         self.model_id, self.weights = record.model_id, record.weights
         # How the score job saw each image (docs/method.md): its shorter side, whole or cropped.
-        self.view = View(record.view_size, whole=record.whole_view)
+        self.view = run_view(record)
         self.dir = context.settings.runs_dir / str(run_id)
         self.patch_size = mine.patch_size or default_patch_size(self.view.size)
         self.per_label, self.per_image, self.clusters = mine.per_label, mine.per_image, mine.clusters
@@ -142,7 +141,8 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
         rows = []
         for label_id, kept in best.items():
             for score, (image_id, box) in kept:
-                x0, y0, x1, y1 = P.box_to_original(box, info.view.size, sizes[image_id], whole=info.view.whole)
+                x0, y0, x1, y1 = P.box_to_original(box, info.view.size, sizes[image_id], whole=info.view.whole,
+                                                    multiple=info.view.multiple)
                 rows.append(dict(run_id=info.run_id, image_id=image_id, label_id=label_id,
                                  x0=math.floor(x0), y0=math.floor(y0), x1=math.ceil(x1),
                                  y1=math.ceil(y1), score=score))
@@ -210,7 +210,8 @@ def feature_parts(context, info: RunInfo) -> list[tuple[Path, FeaturePart]]:
         parts.append((parts_dir / f"part-{start:09d}.npz", FeaturePart(
             paths=[images[image_id][0] for image_id, _, _ in batch],
             label_indices=[label_index[label_id] for _, label_id, _ in batch],
-            boxes=[[clip_box(box_to_model(box, info.view.size, images[image_id][1], whole=info.view.whole),
+            boxes=[[clip_box(box_to_model(box, info.view.size, images[image_id][1], whole=info.view.whole,
+                                           multiple=info.view.multiple),
                              info.view.shape_of(images[image_id][1])) for _, box in members]
                    for image_id, _, members in batch],
             patch_ids=[[patch_id for patch_id, _ in members] for _, _, members in batch])))
@@ -465,7 +466,7 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
                                     info.patch_size)  # [L, Hs, Ws]
                 for m in members:
                     x, y = model_top_left((m.x0, m.y0, m.x1, m.y1), info.view.size, (m.width, m.height),
-                                          info.patch_size, whole=info.view.whole)
+                                          info.patch_size, whole=info.view.whole, multiple=info.view.multiple)
                     x, y = min(max(x, 0), grid.shape[2] - 1), min(max(y, 0), grid.shape[1] - 1)
                     per_cluster[m.cluster_id].append(grid[:, y, x].numpy())
         context.progress(min(start + FEATURE_BATCH, len(images)), len(images),
