@@ -22,9 +22,10 @@ from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
 from app.services.runs import load_run
 from worker.context import JobContext
+from worker.handlers.run_views import mine_label_scores, mine_map
 from worker.models import load_trained
 
-STAGES = ("patches", "features", "clusters", "crops", "trends")
+STAGES = ("patches", "features", "clusters", "crops", "trends", "label_scores", "map")
 FEATURE_BATCH = 16
 CROP_PX = 96
 
@@ -59,9 +60,11 @@ def run_mine(context: JobContext) -> dict:
     if "score" not in info.stages_done:
         raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
     stage_functions = {"patches": mine_patches, "features": mine_features,
-                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends}
+                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends,
+                       "label_scores": mine_label_scores, "map": mine_map}
+    skipped = {"trends": not info.ordinal, "label_scores": not info.params.all_labels}
     for stage in STAGES:
-        if stage in info.stages_done or (stage == "trends" and not info.ordinal):
+        if stage in info.stages_done or skipped.get(stage):
             continue
         set_run_status(context, info.run_id, "mining")
         stage_functions[stage](context, info)
