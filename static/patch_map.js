@@ -96,7 +96,7 @@
     this.cx = 0.5;
     this.cy = 0.5;
     this.scale = Math.min(this.width, this.height) * 0.92;
-    this.minScale = this.scale * 0.5;
+    this.minScale = this.scale * 0.25;
     this.redraw();
   };
 
