@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import free_port, wait_for_server
+from tests.helpers import free_port, wait_for_server, wait_until
 from tests.mined import copy_mined_home
 from tests.test_browser import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (the browser fixture)
 
@@ -93,8 +93,8 @@ def test_patch_map_draws_zooms_filters_and_opens_a_patch(server, page):
     expect(canvas).to_have_attribute("data-shown", str(len(points)))
     # 200 patches: big enough on screen for thumbnails, whose atlas loads.
     expect(canvas).to_have_attribute("data-mode", "thumbnails")
-    page.wait_for_function(f"{MAP}.atlases[0] && {MAP}.atlases[0].ready")
-    page.wait_for_function(f"{MAP}.stats.draws > 1")
+    wait_until(lambda: page.evaluate(f"{MAP}.atlases[0] && {MAP}.atlases[0].ready && {MAP}.stats.draws > 1"),
+               timeout=15, message="the thumbnail atlas to be drawn")
     assert page.evaluate(f"{MAP}.stats.firstDrawMs") > 0
     assert painted_share(page) > 0.03
     page.screenshot(path=str(ARTIFACTS / "map-01-thumbnails.png"))

@@ -189,6 +189,7 @@ def write_atlases(context, info, patch_ids: np.ndarray, folder) -> None:
 
     per_atlas = ATLAS_COLUMNS * ATLAS_COLUMNS
     atlases = -(-len(patch_ids) // per_atlas)
+    context.progress(0, atlases, "patch map thumbnails", stage="map")
     for number in range(atlases):
         ids = [int(i) for i in patch_ids[number * per_atlas:(number + 1) * per_atlas]]
         with session_scope(context.settings) as session:
