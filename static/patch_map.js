@@ -7,7 +7,7 @@
 (function () {
   "use strict";
 
-  var DOT_BELOW = 12;     // on-screen thumbnail size (px) under which patches are drawn as dots
+  var DOT_BELOW = 16;     // on-screen thumbnail size (px) under which patches are drawn as dots
   var GRID = 64;          // buckets per axis of the spatial index
   var MAX_THUMB_PX = 320; // zooming stops when a thumbnail would be larger
   var CLICK_SLOP = 5;     // px a press may move and still be a click
@@ -21,7 +21,7 @@
     this.atlasBase = canvas.dataset.atlasBase;
     this.atlases = {};
     this.filter = null;   // label id shown, or null for all
-    this.stats = { draws: 0, firstDrawMs: null, lastDrawMs: 0, drawMs: [], mode: null, shown: 0 };
+    this.stats = { draws: 0, firstDrawMs: null, lastDrawMs: 0, drawMs: [], shownLog: [], mode: null, shown: 0 };
     canvas.patchMap = this;  // for the page's tests and benchmark (tests/test_patch_map_browser.py)
     this.readLegend();
     this.resize();
@@ -40,9 +40,19 @@
     this.labelIndex = {};
     for (var i = 0; i < legend.length; i++) {
       this.labelIndex[legend[i].dataset.label] = i;
-      this.colours.push(legend[i].dataset.colour);
+      this.colours.push(pixelWord(legend[i].dataset.colour));
     }
   };
+
+  // A CSS colour as the 32-bit word of an RGBA pixel in an ImageData buffer (little-endian).
+  var swatch = document.createElement("canvas").getContext("2d", { willReadFrequently: true });
+  function pixelWord(colour) {
+    swatch.fillStyle = colour;
+    swatch.fillRect(0, 0, 1, 1);
+    var d = swatch.getImageData(0, 0, 1, 1).data;
+    return ((255 << 24) | (d[2] << 16) | (d[1] << 8) | d[0]) >>> 0;
+  }
+  var WHITE = 0xffffffff, FAINT = pixelWord("#d5d9de");
 
   // Records of 16 bytes: patch id (uint32), x, y (float32), label id (uint32), little-endian.
   PatchMap.prototype.load = function (buffer) {
@@ -89,6 +99,8 @@
     this.canvas.width = Math.round(this.width * ratio);
     this.canvas.height = Math.round(this.height * ratio);
     this.ratio = ratio;
+    this.pixels = this.context.createImageData(this.canvas.width, this.canvas.height);
+    this.words = new Uint32Array(this.pixels.data.buffer);
     this.redraw();
   };
 
@@ -144,44 +156,54 @@
     return counts;  // label l's points are out[counts[l] .. counts[l + 1])
   };
 
+  // Dots (and the label-coloured frames behind thumbnails) are written straight into one pixel
+  // buffer and put on the canvas at once: 30,000 fillRect calls cost a frame's budget and more on
+  // a CPU-rendered canvas. Thumbnails are then drawn over them.
   PatchMap.prototype.draw = function () {
-    var began = performance.now(), c = this.context;
-    c.setTransform(this.ratio, 0, 0, this.ratio, 0, 0);
-    c.fillStyle = "#fff";
-    c.fillRect(0, 0, this.width, this.height);
-    if (!this.count) { this.finish(began, "empty", 0); return; }
+    var began = performance.now();
+    this.words.fill(WHITE);
+    if (!this.count) {
+      this.context.putImageData(this.pixels, 0, 0);
+      this.finish(began, "empty", 0);
+      return;
+    }
     var topLeft = this.toWorld(0, 0), bottomRight = this.toWorld(this.width, this.height);
     var count = this.collect(topLeft[0], topLeft[1], bottomRight[0], bottomRight[1]);
     var starts = this.groupByLabel(count), px = this.size * this.scale;
     var mode = px < DOT_BELOW ? "dots" : "thumbnails", shown = 0;
     var filter = this.filter === null ? -1 : this.labelIndex[this.filter];
-    if (filter >= 0) {  // the other labels stay as faint dots, for context
-      c.fillStyle = "#d5d9de";
-      for (var l = 0; l < this.colours.length; l++) {
-        if (l !== filter) this.drawDots(starts[l], starts[l + 1], Math.min(px, 3));
+    for (var l = 0; l < this.colours.length; l++) {
+      if (filter >= 0 && l !== filter) {  // the other labels stay as faint dots, for context
+        this.drawDots(starts[l], starts[l + 1], Math.min(px, 3), FAINT);
+        continue;
       }
-    }
-    for (l = 0; l < this.colours.length; l++) {
-      if (filter >= 0 && l !== filter) continue;
       shown += starts[l + 1] - starts[l];
-      c.fillStyle = this.colours[l];
-      this.drawDots(starts[l], starts[l + 1], mode === "dots" ? Math.max(2.5, px * 0.7) : px + 4);
+      this.drawDots(starts[l], starts[l + 1], mode === "dots" ? Math.max(2.5, px * 0.7) : px + 4, this.colours[l]);
     }
+    this.context.putImageData(this.pixels, 0, 0);
     if (mode === "thumbnails") this.drawThumbnails(starts, filter, px);
     this.finish(began, mode, shown);
   };
 
-  PatchMap.prototype.drawDots = function (from, to, side) {
-    var c = this.context, half = side / 2, s = this.scale, ox = this.width / 2 - this.cx * s,
-        oy = this.height / 2 - this.cy * s;
+  // Squares of `side` CSS px centred on the points byLabel[from .. to), in one colour word.
+  PatchMap.prototype.drawDots = function (from, to, side, word) {
+    var r = this.ratio, s = this.scale * r, ox = (this.width / 2 - this.cx * this.scale) * r,
+        oy = (this.height / 2 - this.cy * this.scale) * r, w = this.canvas.width, h = this.canvas.height;
+    var d = Math.max(1, Math.round(side * r)), half = d / 2, words = this.words;
     for (var k = from; k < to; k++) {
       var i = this.byLabel[k];
-      c.fillRect(this.xs[i] * s + ox - half, this.ys[i] * s + oy - half, side, side);
+      var x0 = Math.round(this.xs[i] * s + ox - half), y0 = Math.round(this.ys[i] * s + oy - half);
+      var x1 = Math.min(w, x0 + d), y1 = Math.min(h, y0 + d);
+      if (x0 < 0) x0 = 0;
+      if (y0 < 0) y0 = 0;
+      for (var y = y0; y < y1; y++) words.fill(word, y * w + x0, y * w + x1);
     }
   };
 
   PatchMap.prototype.drawThumbnails = function (starts, filter, px) {
-    var c = this.context, s = this.scale, ox = this.width / 2 - this.cx * s, oy = this.height / 2 - this.cy * s;
+    var c = this.context;
+    c.setTransform(this.ratio, 0, 0, this.ratio, 0, 0);
+    var s = this.scale, ox = this.width / 2 - this.cx * s, oy = this.height / 2 - this.cy * s;
     var thumb = this.thumb, columns = this.columns, half = px / 2;
     c.imageSmoothingEnabled = px < thumb;  // pixel-art crops enlarge by whole pixels
     var from = filter >= 0 ? starts[filter] : 0, to = filter >= 0 ? starts[filter + 1] : starts[starts.length - 1];
@@ -197,9 +219,17 @@
   PatchMap.prototype.atlas = function (number) {
     var entry = this.atlases[number];
     if (entry) return entry.ready ? entry.image : null;
+    // Decoded once into an ImageBitmap: drawn from an <img>, a CPU-rendered canvas may decode the
+    // PNG again when many atlases are in use (200 ms a frame with 30 of them).
     var image = new Image(), self = this;
-    entry = this.atlases[number] = { image: image, ready: false };
-    image.onload = function () { entry.ready = true; self.redraw(); };
+    entry = this.atlases[number] = { image: null, ready: false };
+    image.onload = function () {
+      createImageBitmap(image).then(function (bitmap) {
+        entry.image = bitmap;
+        entry.ready = true;
+        self.redraw();
+      });
+    };
     image.src = this.atlasBase + "/atlas-" + String(number).padStart(3, "0") + ".png";
     return null;
   };
@@ -213,6 +243,8 @@
     if (stats.firstDrawMs === null && this.count !== undefined) stats.firstDrawMs = now;
     stats.mode = mode;
     stats.shown = shown;
+    stats.shownLog.push(shown);
+    if (stats.shownLog.length > 1000) stats.shownLog.shift();
     this.canvas.dataset.mode = mode;
     this.canvas.dataset.shown = shown;
   };
