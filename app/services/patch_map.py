@@ -48,7 +48,7 @@ def map_overview(session: Session, run_dir: Path, *, run: dict, labels: list[dic
             "columns": meta["columns"], "per_atlas": meta["per_atlas"], "atlases": meta["atlases"]}
 
 
-def map_points(session: Session, run_dir: Path, *, run_id: int, overview: dict, offset: int = 0,
+def map_points(session: Session, run_dir: Path, *, overview: dict, offset: int = 0,
                limit: int = POINTS_PER_PAGE, label_id: int | None = None) -> dict:
     """Points [offset, offset + limit) in the map's order (of one label's, with `label_id`):
     patch id, label, position, thumbnail (the patch's crop, and its atlas cell)."""

@@ -20,7 +20,7 @@ router = APIRouter(tags=["galleries"])
 @router.get("/runs/{run_id:int}/map",
             summary="The run's patch map: every patch placed by its features, coloured by label")
 def patch_map(request: Request, run_id: int, session: SessionDep, settings: SettingsDep,
-              offset: Offset = 0, limit: int = Query(POINTS_PER_PAGE, ge=0, le=MAX_POINTS_PER_PAGE),
+              offset: Offset = 0, limit: int = Query(POINTS_PER_PAGE, ge=1, le=MAX_POINTS_PER_PAGE),
               label: QueryId = None):
     run = load_run(session, run_id)
     if label is not None:
@@ -29,7 +29,7 @@ def patch_map(request: Request, run_id: int, session: SessionDep, settings: Sett
     run_dir = settings.runs_dir / str(run_id)
     data = dict(map_overview(session, run_dir, run=run, labels=labels), run=run)
     if wants_json(request) and data["available"]:
-        data.update(map_points(session, run_dir, run_id=run_id, overview=data, offset=offset,
+        data.update(map_points(session, run_dir, overview=data, offset=offset,
                                limit=limit, label_id=label))
     return render(request, "map.html", {"data": data, "run": run, "credit": credit_for(run)})
 
