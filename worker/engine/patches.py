@@ -358,3 +358,15 @@ def model_top_left(stored_box: Sequence[int], model_size: int, original_size: Se
             if (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)) == tuple(stored_box[:4]):
                 return top_left
     return round(x), round(y)
+
+
+def scores_at_boxes(maps: torch.Tensor, boxes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]],
+                    *, view_size: int, patch_size: int, whole: bool = False, multiple: int = 1) -> torch.Tensor:
+    """The k x k pooled score of each stored (original-pixel) box under every map:
+    maps [L, h, w] of one image -> [len(boxes), L]."""
+    grid = patch_scores(maps, image_shape_of(maps.shape[-2:], view_size), patch_size)  # [L, Hs, Ws]
+    cells = []
+    for box, size in zip(boxes, original_sizes):
+        x, y = model_top_left(box, view_size, size, patch_size, whole=whole, multiple=multiple)
+        cells.append(grid[:, min(max(y, 0), grid.shape[1] - 1), min(max(x, 0), grid.shape[2] - 1)])
+    return torch.stack(cells) if cells else grid.new_zeros(0, len(maps))

@@ -22,9 +22,10 @@ from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
 from app.services.runs import load_run
 from worker.context import JobContext
+from worker.handlers.run_views import mine_label_scores, mine_map
 from worker.models import load_trained, run_view
 
-STAGES = ("patches", "features", "clusters", "crops", "trends")
+STAGES = ("patches", "features", "clusters", "crops", "trends", "label_scores", "map")
 FEATURE_BATCH = 16
 CROP_PX = 96
 
@@ -58,9 +59,11 @@ def run_mine(context: JobContext) -> dict:
     if "score" not in info.stages_done:
         raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
     stage_functions = {"patches": mine_patches, "features": mine_features,
-                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends}
+                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends,
+                       "label_scores": mine_label_scores, "map": mine_map}
+    skipped = {"trends": not info.ordinal, "label_scores": not info.params.all_labels}
     for stage in STAGES:
-        if stage in info.stages_done or (stage == "trends" and not info.ordinal):
+        if stage in info.stages_done or skipped.get(stage):
             continue
         set_run_status(context, info.run_id, "mining")
         stage_functions[stage](context, info)
@@ -436,7 +439,7 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     maps as in patch selection, and the median over members stored as `Cluster.trend`."""
 
     from worker.engine.data import load_view_groups
-    from worker.engine.patches import image_shape_of, model_top_left, patch_scores
+    from worker.engine.patches import scores_at_boxes
     from worker.engine.tiles import label_scores_as_trained
     from worker.handlers.score import preset_for
 
@@ -462,13 +465,12 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
         for indices, pixels in load_view_groups(paths, info.view):
             scores = label_scores_as_trained(denoiser, pixels, preset, seed=info.seed, maps=True)
             for members, maps in zip([batch[i] for i in indices], scores.maps):
-                grid = patch_scores(maps, image_shape_of(maps.shape[-2:], info.view.size),
-                                    info.patch_size)  # [L, Hs, Ws]
-                for m in members:
-                    x, y = model_top_left((m.x0, m.y0, m.x1, m.y1), info.view.size, (m.width, m.height),
-                                          info.patch_size, whole=info.view.whole, multiple=info.view.multiple)
-                    x, y = min(max(x, 0), grid.shape[2] - 1), min(max(y, 0), grid.shape[1] - 1)
-                    per_cluster[m.cluster_id].append(grid[:, y, x].numpy())
+                values = scores_at_boxes(maps, [(m.x0, m.y0, m.x1, m.y1) for m in members],
+                                         [(m.width, m.height) for m in members], view_size=info.view.size,
+                                         patch_size=info.patch_size, whole=info.view.whole,
+                                         multiple=info.view.multiple)
+                for m, value in zip(members, values):
+                    per_cluster[m.cluster_id].append(value.numpy())
         context.progress(min(start + FEATURE_BATCH, len(images)), len(images),
                          "typicality of cluster members under every label", stage="trends")
         context.check()
