@@ -13,6 +13,10 @@ The patch map (`runs/<run>/map/`):
   written last. `version` is a hash of the points, so an atlas's URL changes when its content
   does and browsers may keep it forever (/files serves it with immutable cache headers).
 
+Gallery crops (`runs/<run>/crops/`): named by what they show (the image's content hash and the
+box), never by patch id: ids can come back when a run is mined again, and a browser that cached
+an old crop under a reused name would keep showing it.
+
 Label scores (`runs/<run>/label_scores.npy`, all_labels runs only): float32 [feature rows,
 labels], row r for the patch whose `Patch.feature_row` is r, columns in the order of
 `label_scores.json`'s `labels` (label ids). Read with mmap: a query reads its rows only.
@@ -31,6 +35,11 @@ MAP_META = "current.json"
 POINTS = "points.bin"
 LABEL_SCORES = "label_scores.npy"
 LABEL_SCORES_META = "label_scores.json"
+
+
+def crop_path(run_id: int, image_sha256: str, box: tuple[int, int, int, int]) -> str:
+    """The home-relative path of a patch's gallery crop (see the module docstring)."""
+    return f"runs/{run_id}/crops/{image_sha256[:20]}-{'-'.join(str(int(v)) for v in box)}.png"
 
 
 def map_folder(run_dir: Path) -> Path:

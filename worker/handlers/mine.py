@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
+from app.run_files import crop_path
 from app.services.runs import load_run
 from worker.context import JobContext
 from worker.handlers.run_views import mine_label_scores, mine_map
@@ -410,17 +411,17 @@ def mine_crops(context: JobContext, info: RunInfo) -> None:
     crops_dir.mkdir(parents=True, exist_ok=True)
     with session_scope(context.settings) as session:
         rows = session.execute(select(Patch.id, Patch.x0, Patch.y0, Patch.x1, Patch.y1,
-                                      Image.stored_path).join(Image, Image.id == Patch.image_id)
+                                      Image.stored_path, Image.sha256).join(Image, Image.id == Patch.image_id)
                                .where(Patch.run_id == info.run_id).order_by(Patch.image_id)).all()
     updates, current, image = [], None, None
-    for number, (patch_id, x0, y0, x1, y1, stored) in enumerate(rows, 1):
+    for number, (patch_id, x0, y0, x1, y1, stored, sha256) in enumerate(rows, 1):
         if stored != current:
             current = stored
             image = to_rgb(PILImage.open(context.settings.home_dir / stored))
         crop = image.crop((x0, y0, x1, y1))
         if max(crop.size) > CROP_PX:
             crop.thumbnail((CROP_PX, CROP_PX), PILImage.Resampling.LANCZOS)
-        relative = f"runs/{info.run_id}/crops/{patch_id}.png"
+        relative = crop_path(info.run_id, sha256, (x0, y0, x1, y1))
         crop.save(context.settings.home_dir / relative)
         updates.append({"id": patch_id, "crop_path": relative})
         if number % 500 == 0:
