@@ -136,3 +136,20 @@ def test_coherence_on_centred_features_separates_what_raw_features_do_not():
     assert (pure > 0.8).all() and (mixed_centred < 0.5).all()
     # A patch equal to the mean (a one-patch run, centred) has no direction and counts as 0.
     assert coherence(np.zeros((1, 4)), np.array([0]))[0] == 0
+
+
+def test_fresh_iid_draws_stand_in_for_the_papers_hundred():
+    from worker.engine.presets import FAST
+    from worker.engine.settled import SETTLE_DRAWS, settle_preset
+
+    preset, score_draws = settle_preset(PAPER)
+    assert preset.draws == SETTLE_DRAWS and score_draws == 100
+    assert settle_preset(FAST) == (FAST, None)  # stratified: its own draws, all of them
+    assert settle_preset(PAPER.with_(draws=16)) == (PAPER.with_(draws=16), None)
+    # The spread of 24 draws over sqrt(100) estimates the error of a 100-draw mean.
+    rng = torch.Generator().manual_seed(0)
+    values = torch.randn(2000, 24, generator=rng) * 3.0
+    errors = box_standard_errors(values, 24, score_draws=100)
+    assert errors.mean().item() == pytest.approx(3.0 / 10, rel=0.05)
+    with pytest.raises(ValueError):
+        box_standard_errors(values, 24, "stratified", score_draws=100)

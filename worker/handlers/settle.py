@@ -1,11 +1,13 @@
 """The mining stage "settle": how settled each mined patch is (worker/engine/settled.py).
 
 The score job keeps only each map's mean over the draws. The images that hold a kept patch are
-scored again under the patch's label with the run's preset and seed, so with the very same
-draws, keeping every draw's map; each patch's per-draw values give its standard error (their
-mean is its score), and with the label's top-K cut, its chance to stay in the top K. This costs
-one more scoring of the images that hold patches (bench/bench_settled.py measures it), rather
-than every image's per-draw maps kept on disk since scoring.
+scored again under the patch's label, keeping every draw's map: with the run's very draws
+(presets of up to 24 draws, stratified ones, early stopping), or, for the paper's 100 i.i.d.
+draws, 24 fresh ones whose spread stands in for theirs (worker/engine/settled.settle_preset).
+Each patch's per-draw values give its standard error, and with the label's top-K cut, its
+chance to stay in the top K. This costs a scoring of the images that hold patches, at most 24
+draws (bench/bench_settled.py measures it), rather than every image's per-draw maps kept on
+disk since scoring.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
     with the run's draws, BATCH of them at a time."""
     from worker.engine.data import load_view_groups, multi_hot
     from worker.engine.patches import image_shape_of, model_top_left
-    from worker.engine.settled import box_draw_values, box_standard_errors
+    from worker.engine.settled import box_draw_values, box_standard_errors, settle_preset
     from worker.engine.tiles import typicality_as_trained
     from worker.handlers.score import preset_for
 
@@ -73,7 +75,7 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
             .where(Image.id.in_({g[0] for g in groups})))}
     label_index = {label_id: i for i, (label_id, _) in enumerate(info.labels)}
     denoiser = load_trained(context, info.model_id, info.weights)
-    preset = preset_for(info.params, denoiser)
+    preset, score_draws = settle_preset(preset_for(info.params, denoiser))
     stderrs: dict[int, float] = {}
     for start in range(0, len(groups), BATCH):
         batch = groups[start:start + BATCH]
@@ -87,7 +89,8 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
                                                              info.patch_size, whole=info.view.whole),
                                               shape, info.patch_size) for _, box in members]
                 values = box_draw_values(draw_maps, shape, info.patch_size, top_lefts)
-                errors = box_standard_errors(values, int(used), preset.timesteps, preset.round_size)
+                errors = box_standard_errors(values, int(used), preset.timesteps, preset.round_size,
+                                             score_draws=score_draws)
                 stderrs.update(zip([patch_id for patch_id, _ in members], errors.tolist()))
         context.progress(min(start + BATCH, len(groups)), len(groups),
                          "standard errors of the patches' scores", stage="settle")
