@@ -176,10 +176,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--marked", default="Cat")
+    parser.add_argument("--home", type=Path, help="keep the data directory here (default: a temporary one)")
     args = parser.parse_args()
     print(f"bench_settled {datetime.date.today()} · {platform.node()} · {platform.processor() or platform.machine()}")
+    print(f"`{' '.join(sys.argv)}`")
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp) / "home"
+        home = args.home or Path(tmp) / "home"
+        measure(home, args)
+
+
+def measure(home: Path, args) -> None:
+    if True:
         diffmine(home, "ingest", "builtin:animals", "--name", "planted", "--limit-per-label",
                  str(args.per_label_images), "--plant-mark", args.marked, "--plant-fraction", "0.5")
         diffmine(home, "train", "planted", "--size", "tiny", "--steps", str(args.steps), "--batch-size", "16",
