@@ -74,6 +74,8 @@ def test_exports_carry_stderr_stay_and_stability(mined_settings):
     assert float(rows[0]["typicality_stderr"]) == pytest.approx(data["labels"][0]["clusters"][0]["members"][0]
                                                                 ["typicality_stderr"])
     assert rows[0]["cluster_stability"] and rows[0]["stay"]
+    report = export(mined_settings, "--format", "html")
+    assert "of its patches expected to stay in the label&#x27;s top patches under new draws" in report
 
 
 def test_a_run_mined_before_shows_no_figures_it_does_not_have(mined_settings, client):

@@ -163,9 +163,8 @@ def write_html(settings: Settings, run_id: int, out: IO[str]) -> None:
         out.write(f"<section><h2>{esc(name)}</h2>")
         for cluster in label_clusters(settings, run_id, label_id, max_clusters=HTML_CLUSTERS,
                                       max_members=HTML_MEMBERS):
-            settled = (f" · {cluster['stability']:.0%} of its patches expected to stay in the top "
-                       f"{header['params'].get('mine', {}).get('per_label', '')} under new draws"
-                       if cluster["stability"] is not None else "")
+            settled = (f" · {cluster['stability']:.0%} of its patches expected to stay in the label's "
+                       f"top patches under new draws" if cluster["stability"] is not None else "")
             out.write(f"<div class=cluster><p>cluster {cluster['rank'] + 1} · {cluster['size']} "
                       f"patches · median typicality {cluster['median_typicality']:.4g}{esc(settled)}</p>")
             for member in cluster["members"]:
