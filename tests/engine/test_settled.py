@@ -25,7 +25,9 @@ def test_box_values_per_draw_average_to_the_box_score_and_give_its_stderr(tiny_d
 
     scores = patch_scores(result.maps[0], 32, 6)
     boxes = top_boxes(scores, 6, 3)
-    values = box_draw_values(result.draw_maps[0], 32, 6, [(b.x0, b.y0) for b in boxes])
+    # Stored boxes of a 32 x 32 original seen at 32 px: original pixels are model pixels.
+    values = box_draw_values(result.draw_maps[0], [b[:4] for b in boxes], [(32, 32)] * 3, view_size=32,
+                             patch_size=6)
     assert values.shape == (3, 12)
     torch.testing.assert_close(values.mean(dim=1), torch.tensor([b.score for b in boxes]), atol=1e-6, rtol=1e-5)
     stderr = box_standard_errors(values, 12)
@@ -46,12 +48,17 @@ def test_tiled_draw_maps_assemble_like_the_mean_map(tiny_denoiser):
     torch.testing.assert_close(result.draw_maps.mean(dim=1), result.maps)
 
 
-def test_box_values_reject_boxes_off_the_grid_and_early_stops_use_only_taken_draws():
-    draw_maps = torch.randn(5, 16, 16, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="outside"):
-        box_draw_values(draw_maps, 16, 4, [(13, 0)])
-    assert box_draw_values(draw_maps, 16, 4, []).shape == (0, 5)
-    values = box_draw_values(draw_maps, 16, 4, [(0, 0), (12, 12)])
+def test_box_values_of_an_original_larger_than_the_view_and_early_stops_use_only_taken_draws():
+    draw_maps = torch.randn(20, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError):
+        box_draw_values(draw_maps[0], [(0, 0, 4, 4)], [(16, 16)], view_size=16, patch_size=4)
+    assert box_draw_values(draw_maps, [], [], view_size=16, patch_size=4).shape == (0, 20)
+    # A 64 px original seen at 16 px: its 16 px box at (48, 48) is the model's 4 px box at (12, 12);
+    # 20 draws go through in chunks and come back in order.
+    values = box_draw_values(draw_maps, [(0, 0, 16, 16), (48, 48, 64, 64)], [(64, 64)] * 2, view_size=16,
+                             patch_size=4)
+    torch.testing.assert_close(values[1], draw_maps[:, 12:16, 12:16].mean(dim=(1, 2)))
+    values = values[:, :5]
     stopped = torch.cat([values[:, :3], torch.zeros(2, 2)], dim=1)  # an image that stopped after 3 draws
     torch.testing.assert_close(box_standard_errors(stopped, 3), box_standard_errors(values[:, :3], 3))
     with pytest.raises(ValueError):

@@ -4,7 +4,7 @@ A patch's score is a mean over the run's draws, so it has a standard error, and 
 is a cut through noisy scores: near-tied patches change places under other draws. Measured on a
 small model, `paper` at seed 0 and at seed 1 shared only ~40% of each label's top 50.
 
-    values = box_draw_values(draw_maps, image_shape, patch_size, top_lefts)   # [boxes, N]
+    values = box_draw_values(draw_maps, boxes, sizes, view_size=..., patch_size=k)  # [boxes, N]
     stderr = box_standard_errors(values, draws, timesteps, round_size)         # [boxes]
     stay = stay_probabilities(scores, stderr, cut, cut_stderr)                 # [boxes]
     stability = cluster_stability(assignments, stay)                           # [clusters]
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from .patches import patch_scores
+from .patches import scores_at_boxes
 from .presets import TypicalityPreset
 from .typicality import standard_error
 
@@ -50,26 +50,18 @@ def settle_preset(preset: TypicalityPreset) -> tuple[TypicalityPreset, int | Non
     return preset.with_(draws=SETTLE_DRAWS, round_size=None), preset.draws
 
 
-def box_draw_values(draw_maps: torch.Tensor, image_size: int | Sequence[int], patch_size: int,
-                    top_lefts: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """[boxes, N]: each box's score under each draw, from one image's draw maps [N, h, w].
+def box_draw_values(draw_maps: torch.Tensor, boxes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]],
+                    *, view_size: int, patch_size: int, whole: bool = False, multiple: int = 1) -> torch.Tensor:
+    """[boxes, N]: each stored (original-pixel) box's score under each draw, from one image's draw
+    maps [N, h, w]: `patches.scores_at_boxes` over the draws, `DRAWS_PER_CHUNK` at a time.
 
-    The same upsampling and pooling as `patch_scores`, one draw at a time; `top_lefts` are (x, y)
-    on its score grid. The mean over the draws is the box's score as `patch_scores` gives it.
+    Pooled as the score was, so the mean over the draws is the box's score.
     """
     if draw_maps.ndim != 3:
         raise ValueError(f"draw_maps must be [N, h, w], got shape {tuple(draw_maps.shape)}")
-    if not top_lefts:
-        return torch.zeros(0, len(draw_maps))
-    xs = torch.tensor([int(x) for x, _ in top_lefts])
-    ys = torch.tensor([int(y) for _, y in top_lefts])
-    values = []
-    for chunk in draw_maps.split(DRAWS_PER_CHUNK):
-        grid = patch_scores(chunk, image_size, patch_size)  # [n, Hs, Ws]
-        if (xs < 0).any() or (ys < 0).any() or (xs >= grid.shape[2]).any() or (ys >= grid.shape[1]).any():
-            raise ValueError(f"a box's top-left lies outside the {tuple(grid.shape[1:])} score grid")
-        values.append(grid[:, ys, xs].T)
-    return torch.cat(values, dim=1).cpu()
+    return torch.cat([scores_at_boxes(chunk, boxes, original_sizes, view_size=view_size, patch_size=patch_size,
+                                      whole=whole, multiple=multiple).cpu()
+                      for chunk in draw_maps.split(DRAWS_PER_CHUNK)], dim=1)
 
 
 def box_standard_errors(draw_values: torch.Tensor, draws: int, timesteps: str = "uniform",

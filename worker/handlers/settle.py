@@ -64,7 +64,6 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
     """{patch id: standard error of its score}, every (image, label) holding patches scored again
     with the run's draws, BATCH of them at a time."""
     from worker.engine.data import load_view_groups, multi_hot
-    from worker.engine.patches import image_shape_of, model_top_left
     from worker.engine.settled import box_draw_values, box_standard_errors, settle_preset
     from worker.engine.tiles import typicality_as_trained
     from worker.handlers.score import preset_for
@@ -84,11 +83,9 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
             result = typicality_as_trained(denoiser, pixels, conditions, preset, seed=info.seed, draw_maps=True)
             for i, draw_maps, used in zip(indices, result.draw_maps, result.draws.tolist()):
                 image_id, _, members = batch[i]
-                shape = image_shape_of(draw_maps.shape[-2:], info.view.size)
-                top_lefts = [clamped_top_left(model_top_left(box, info.view.size, images[image_id][1],
-                                                             info.patch_size, whole=info.view.whole),
-                                              shape, info.patch_size) for _, box in members]
-                values = box_draw_values(draw_maps, shape, info.patch_size, top_lefts)
+                values = box_draw_values(draw_maps, [box for _, box in members], [images[image_id][1]] * len(members),
+                                         view_size=info.view.size, patch_size=info.patch_size,
+                                         whole=info.view.whole, multiple=info.view.multiple)
                 errors = box_standard_errors(values, int(used), preset.timesteps, preset.round_size,
                                              score_draws=score_draws)
                 stderrs.update(zip([patch_id for patch_id, _ in members], errors.tolist()))
@@ -97,9 +94,3 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
         context.check()
     return stderrs
 
-
-def clamped_top_left(top_left: tuple[int, int], shape: tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Inside the (H - k + 1) x (W - k + 1) grid of box top-lefts (the stored box was rounded)."""
-    height, width = shape
-    x, y = top_left
-    return min(max(x, 0), width - patch_size), min(max(y, 0), height - patch_size)
