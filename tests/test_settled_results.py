@@ -93,3 +93,27 @@ def test_a_run_mined_before_shows_no_figures_it_does_not_have(mined_settings, cl
     assert "Stability" not in client.get(f"/clusters/{cluster['id']}").text
     rows = list(csv.DictReader(io.StringIO(export(mined_settings, "--format", "csv"))))
     assert rows[0]["typicality_stderr"] == "" and rows[0]["cluster_stability"] == ""
+
+
+def test_support_share_zero_ranks_by_the_plain_median_and_a_bad_share_changes_nothing(mined_settings, capsys):
+    from app.models import Cluster
+    from tests.cli_helpers import diffmine_in_process
+
+    home = mined_settings.home_dir
+    with session_scope(mined_settings) as session:
+        before = session.execute(select(Cluster.id, Cluster.rank)).all()
+    diffmine_in_process(capsys, "mine", "1", "--per-label", "20", "--clusters", "3", "--support-share", "1.5",
+                        home=home, expect=1)
+    assert "support_share: Input should be less than 1" in capsys.readouterr().err
+    with session_scope(mined_settings) as session:
+        assert session.execute(select(Cluster.id, Cluster.rank)).all() == before
+    diffmine_in_process(capsys, "mine", "1", "--per-label", "20", "--clusters", "3", "--support-share", "0",
+                        home=home)
+    with session_scope(mined_settings) as session:
+        assert session.get(MiningRun, 1).params["mine"]["support_share"] == 0
+        for label_id in {c.label_id for c in session.scalars(select(Cluster))}:
+            clusters = session.scalars(select(Cluster).where(Cluster.label_id == label_id)
+                                       .order_by(Cluster.rank)).all()
+            assert [c.ranking_typicality for c in clusters] == [c.median_typicality for c in clusters]
+            medians = [c.median_typicality for c in clusters]
+            assert medians == sorted(medians, reverse=True)

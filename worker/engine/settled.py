@@ -40,8 +40,9 @@ def settle_preset(preset: TypicalityPreset) -> tuple[TypicalityPreset, int | Non
     """The draws to measure a score's standard error with, and the `score_draws` to pass to
     `box_standard_errors` (None: the very draws of the score).
 
-    The paper's 100 i.i.d. draws are more than a spread needs: `SETTLE_DRAWS` fresh i.i.d.
-    draws (not the score's: a preset with fewer draws draws other noise) estimate it. Stratified
+    The paper's 100 i.i.d. draws are more than a spread needs: `SETTLE_DRAWS` i.i.d. draws of the
+    same distribution estimate it (the preset cut to 24 draws: the score's first 24 timesteps
+    with other noise, which does not matter to a spread). Stratified
     draws and early stopping are redone in full: their standard error is a property of the
     whole scheme.
     """
