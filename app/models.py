@@ -113,6 +113,9 @@ class MiningRun(Base):
     stages_done: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # {label id: score of the best candidate left out of its top K}: where the cut lies, for
+    # each patch's chance to stay in the top K under new draws. Labels that kept all are absent.
+    top_k_cuts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ImageScore(Base):
@@ -148,6 +151,10 @@ class Patch(Base):
     x1: Mapped[int] = mapped_column(Integer)
     y1: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
+    # Standard error of `score` over the run's draws, and the chance that the patch stays in its
+    # label's top K under new draws (worker/engine/settled.py); None before they are computed.
+    score_stderr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stay: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Row of this patch's feature in the run's FAISS index.
     feature_row: Mapped[int | None] = mapped_column(Integer, nullable=True)
     crop_path: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -162,7 +169,12 @@ class Cluster(Base):
     rank: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(Integer)
     median_typicality: Mapped[float] = mapped_column(Float)
+    # Mean cosine of the members' centred DIFT features to their mean (docs/method.md section 4).
     coherence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # What the rank follows: the median shrunk toward the label's median by the cluster's size.
+    ranking_typicality: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Share of the members expected to stay in the label's top K under new draws.
+    stability: Mapped[float | None] = mapped_column(Float, nullable=True)
     is_artifact: Mapped[bool] = mapped_column(Boolean, default=False)
     # For ordered labels: {label name: typicality of this cluster's members under it}.
     trend: Mapped[dict | None] = mapped_column(JSON, nullable=True)

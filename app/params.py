@@ -138,6 +138,11 @@ class MineOptions(Params):
     #: k-means clusters per label, as in the paper
     clusters: int = Field(32, ge=1)
     selection: Selection = "typical"
+    #: clusters are ranked by their median typicality shrunk toward the label's median by this
+    #: share of the label's patches (worker/engine/clustering.supported_median); 0: the paper's
+    #: plain median, where a 2-patch cluster can rank first. Chosen on planted marks
+    #: (bench/bench_settled.py, docs/benchmarks.md)
+    support_share: float = Field(0.05, ge=0, lt=1)
     #: clusters whose centred centroids are this close are merged (near-duplicates)
     merge_threshold: float = 0.95
     #: re-clustering drops patches this close (cosine of centred DIFT features) to an artifact

@@ -20,7 +20,7 @@ def test_json_layout(mined_settings):
     cluster = data["labels"][0]["clusters"][0]
     assert cluster["rank"] == 0 and isinstance(cluster["median_typicality"], float)
     member = cluster["members"][0]
-    assert set(member) == {"image", "box", "typicality"}
+    assert set(member) == {"image", "box", "typicality", "typicality_stderr", "stay"}
     assert member["image"].startswith("bear/") and len(member["box"]) == 4
     assert len(data["images"]) == 120
     image = data["images"][0]

@@ -30,7 +30,7 @@ def test_patches_clusters_and_their_order(mined_settings):
     with session_scope(mined_settings) as session:
         run = session.get(MiningRun, 1)
         assert run.status == "ready"
-        assert set(run.stages_done) == {"score", "patches", "features", "clusters", "crops",
+        assert set(run.stages_done) == {"score", "patches", "settle", "features", "clusters", "crops",
                                         "label_scores", "map"}
         patches = session.scalars(select(Patch)).all()
         assert 0 < len(patches) <= 10 * 20
@@ -45,8 +45,13 @@ def test_patches_clusters_and_their_order(mined_settings):
         for label_id in {p.label_id for p in patches}:
             clusters = session.scalars(select(Cluster).where(Cluster.label_id == label_id)
                                        .order_by(Cluster.rank)).all()
-            medians = [c.median_typicality for c in clusters]
-            assert medians == sorted(medians, reverse=True)
+            # Ranked by the median shrunk toward the label's median by size (docs/method.md section 4).
+            ranking = [c.ranking_typicality for c in clusters]
+            assert ranking == sorted(ranking, reverse=True)
+            label_median = float(np.median([p.score for p in patches if p.label_id == label_id]))
+            for c in clusters:
+                low, high = sorted((c.median_typicality, label_median))
+                assert low - 1e-9 <= c.ranking_typicality <= high + 1e-9
             assert sum(c.size for c in clusters) == sum(p.label_id == label_id for p in patches)
             for cluster in clusters:
                 distances = session.scalars(select(ClusterMember.distance).where(

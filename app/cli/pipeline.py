@@ -72,7 +72,8 @@ def cmd_mine(args, settings: Settings) -> dict:
 def mine_options(args) -> MineOptions:
     return MineOptions(patch_size=args.patch_size, per_label=args.per_label, clusters=args.clusters,
                        per_image=args.per_image, selection=args.selection,
-                       trend_members=args.trend_members, lookalike_threshold=args.lookalike_threshold)
+                       trend_members=args.trend_members, lookalike_threshold=args.lookalike_threshold,
+                       support_share=args.support_share)
 
 
 def run_params(args) -> RunParams:
@@ -239,6 +240,9 @@ def add_mine_flags(parser: argparse.ArgumentParser) -> None:
                         help="re-clustering leaves out patches whose centred DIFT features have a cosine "
                              "above this with an artifact cluster's member (default 0.6)")
     parser.add_argument("--clusters", type=int, help="k-means clusters per label (paper: 32)")
+    parser.add_argument("--support-share", type=float,
+                        help="clusters rank by their median typicality shrunk toward the label's median by "
+                             "this share of the label's patches (default 0.05; 0: the paper's plain median)")
     parser.add_argument("--trend-members", type=int,
                         help="ordered labels: members per cluster scored under every label (default 16)")
     parser.add_argument("--selection", choices=catalog.SELECTIONS,

@@ -4,9 +4,11 @@ The JSON layout is stable (docs/export.md)::
 
     {"run": {...parameters...},
      "labels": [{"name": str, "clusters": [{"id": int, "rank": int, "median_typicality": float,
+                 "ranking_typicality": float | null, "stability": float | null,
                  "coherence": float, "size": int, "is_artifact": bool, "trend": {label: float} | null,
                  "members": [{"image": original relative path,
-                 "box": [x0, y0, x1, y1] in original image pixels, "typicality": float}]}]}],
+                 "box": [x0, y0, x1, y1] in original image pixels, "typicality": float,
+                 "typicality_stderr": float | null, "stay": float | null}]}]}],
      "images": [{"image": original relative path, "split": str,
                  "scores": {label: image-level typicality, ...}}]}
 
@@ -63,17 +65,20 @@ def label_clusters(settings: Settings, run_id: int, label_id: int, *, max_cluste
         out = []
         for cluster in clusters:
             members = (select(Image.original_path, Patch.x0, Patch.y0, Patch.x1, Patch.y1,
-                              Patch.score, Patch.crop_path).select_from(ClusterMember)
+                              Patch.score, Patch.score_stderr, Patch.stay, Patch.crop_path)
+                       .select_from(ClusterMember)
                        .join(Patch, Patch.id == ClusterMember.patch_id)
                        .join(Image, Image.id == Patch.image_id)
                        .where(ClusterMember.cluster_id == cluster.id).order_by(ClusterMember.position))
             rows = session.execute(members.limit(max_members) if max_members else members).all()
             out.append({"id": cluster.id, "rank": cluster.rank,
                         "median_typicality": cluster.median_typicality,
+                        "ranking_typicality": cluster.ranking_typicality, "stability": cluster.stability,
                         "coherence": cluster.coherence, "size": cluster.size,
                         "is_artifact": cluster.is_artifact, "trend": cluster.trend,
                         "members": [{"image": path, "box": [x0, y0, x1, y1], "typicality": score,
-                                     "crop": crop} for path, x0, y0, x1, y1, score, crop in rows]})
+                                     "typicality_stderr": stderr, "stay": stay, "crop": crop}
+                                    for path, x0, y0, x1, y1, score, stderr, stay, crop in rows]})
         return out
 
 
@@ -124,17 +129,25 @@ def write_json(settings: Settings, run_id: int, out: IO[str]) -> None:
 
 
 def write_csv(settings: Settings, run_id: int, out: IO[str]) -> None:
-    """One row per cluster member."""
+    """One row per cluster member (columns added since are appended, so old readers keep working)."""
     header = run_header(settings, run_id)
     writer = csv.writer(out)
     writer.writerow(["label", "cluster_rank", "cluster_median_typicality", "cluster_coherence",
-                     "position", "image", "x0", "y0", "x1", "y1", "typicality"])
+                     "position", "image", "x0", "y0", "x1", "y1", "typicality",
+                     "typicality_stderr", "stay", "cluster_stability", "cluster_ranking_typicality"])
     for label_id, name in _labels(settings, header["label_set_id"]):
         for cluster in label_clusters(settings, run_id, label_id):
             for position, member in enumerate(cluster["members"]):
                 writer.writerow([name, cluster["rank"], cluster["median_typicality"],
                                  cluster["coherence"], position, member["image"], *member["box"],
-                                 member["typicality"]])
+                                 member["typicality"], _blank(member["typicality_stderr"]),
+                                 _blank(member["stay"]), _blank(cluster["stability"]),
+                                 _blank(cluster["ranking_typicality"])])
+
+
+def _blank(value):
+    """CSV has no null: runs mined before these columns existed leave the cell empty."""
+    return "" if value is None else value
 
 
 def write_html(settings: Settings, run_id: int, out: IO[str]) -> None:
@@ -150,8 +163,10 @@ def write_html(settings: Settings, run_id: int, out: IO[str]) -> None:
         out.write(f"<section><h2>{esc(name)}</h2>")
         for cluster in label_clusters(settings, run_id, label_id, max_clusters=HTML_CLUSTERS,
                                       max_members=HTML_MEMBERS):
+            settled = (f" · {cluster['stability']:.0%} of its patches expected to stay in the label's "
+                       f"top patches under new draws" if cluster["stability"] is not None else "")
             out.write(f"<div class=cluster><p>cluster {cluster['rank'] + 1} · {cluster['size']} "
-                      f"patches · median typicality {cluster['median_typicality']:.4g}</p>")
+                      f"patches · median typicality {cluster['median_typicality']:.4g}{esc(settled)}</p>")
             for member in cluster["members"]:
                 if member["crop"]:
                     data = base64.b64encode((settings.home_dir / member["crop"]).read_bytes()).decode()

@@ -68,23 +68,28 @@ def label_in_set(session: Session, *, label_id: int, label_set_id: int) -> dict 
 
 
 def patch_json(row) -> dict:
+    """`stderr`: the score's standard error over the draws; `stay`: its chance to stay in the
+    label's top K under new draws (None for runs mined before, or drawn at random)."""
     return {"id": row.patch_id, "image": row.image_id, "label": row.label_id,
-            "score": row.score, "crop": row.crop_path,
+            "score": row.score, "stderr": row.score_stderr, "stay": row.stay, "crop": row.crop_path,
             "box": [row.x0, row.y0, row.x1, row.y1]}
 
 
 _PATCH_COLUMNS = (Patch.id.label("patch_id"), Patch.image_id, Patch.label_id, Patch.score,
-                  Patch.crop_path, Patch.x0, Patch.y0, Patch.x1, Patch.y1)
+                  Patch.score_stderr, Patch.stay, Patch.crop_path, Patch.x0, Patch.y0, Patch.x1, Patch.y1)
 
 
 def _cluster_json(c) -> dict:
+    """`stability`: the share of members expected to stay in the label's top K under new draws;
+    `ranking_typicality`: the median shrunk toward the label's by size, which the rank follows."""
     return {"id": c.id, "rank": c.rank, "size": c.size,
-            "median_typicality": c.median_typicality, "coherence": c.coherence,
+            "median_typicality": c.median_typicality, "ranking_typicality": c.ranking_typicality,
+            "stability": c.stability, "coherence": c.coherence,
             "is_artifact": bool(c.is_artifact)}
 
 
 _CLUSTER_COLUMNS = (Cluster.id, Cluster.rank, Cluster.size, Cluster.median_typicality,
-                    Cluster.coherence, Cluster.is_artifact)
+                    Cluster.ranking_typicality, Cluster.stability, Cluster.coherence, Cluster.is_artifact)
 _CLUSTERS = {artifacts: (select(*_CLUSTER_COLUMNS)
                          .where(Cluster.run_id == bindparam("run_id"),
                                 Cluster.label_id == bindparam("label_id"),
@@ -115,9 +120,7 @@ def clusters_page(session: Session, *, run_id: int, label_id: int, offset: int =
         for c in clusters:
             c["members"] = []
         for r in conn.execute(_MEMBERS_OF, {"ids": list(by_id), "members": members}):
-            by_id[r.cluster_id]["members"].append(
-                {"id": r.patch_id, "image": r.image_id, "label": r.label_id, "score": r.score,
-                 "crop": r.crop_path, "box": [r.x0, r.y0, r.x1, r.y1], "distance": r.distance})
+            by_id[r.cluster_id]["members"].append(dict(patch_json(r), distance=r.distance))
     hidden = 0
     if not show_artifacts and offset == 0:
         hidden = conn.scalar(_ARTIFACTS, {"run_id": run_id, "label_id": label_id})
@@ -191,8 +194,7 @@ def run_label_overview(session: Session, *, run_id: int, labels: list[dict], off
         tops = {}
         if top_ranks:
             for c in session.execute(
-                    select(Cluster.id, Cluster.label_id, Cluster.rank, Cluster.size,
-                           Cluster.median_typicality, Cluster.coherence, Cluster.is_artifact)
+                    select(Cluster.label_id, *_CLUSTER_COLUMNS)
                     .where(Cluster.run_id == run_id, Cluster.label_id.in_(list(top_ranks)))
                     .order_by(Cluster.label_id, Cluster.rank)):
                 if c.rank == top_ranks[c.label_id]:

@@ -100,6 +100,13 @@ def sig(value, digits: int = 4) -> str:
     return text
 
 
+def percent(value) -> str:
+    """A share in [0, 1] as a whole percentage: 0.873 -> '87%'."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{round(100 * value)}%"
+
+
 def duration(seconds) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "—"
@@ -124,5 +131,5 @@ def file_url(path: str | None) -> str:
     return "/files/" + quote(path or "")
 
 
-templates.env.filters.update(sig=sig, duration=duration, thousands=thousands, file_url=file_url)
+templates.env.filters.update(sig=sig, percent=percent, duration=duration, thousands=thousands, file_url=file_url)
 templates.env.globals.update(csrf_token=csrf_token, csrf_field=CSRF_FIELD)

@@ -57,6 +57,9 @@ class TypicalityResult:
     draws: torch.Tensor  # [B] draws used per image (fewer than the preset's if stopped early)
     differences: torch.Tensor  # [B, N] image-level L_null - L_c per draw, x p/q (zeros after a stop)
     keys: list | None = None  # passed through from the input batch
+    #: [B, N, h, w] the map's L_null - L_c of every draw (zeros after a stop), if asked for: the
+    #: spread of a box's score over the draws (worker/engine/settled.py)
+    draw_maps: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,14 +121,16 @@ def standard_error(differences: torch.Tensor, timesteps: str = "uniform",
 
 # --- scoring -------------------------------------------------------------------------------------
 def typicality(denoiser: ConditionalDenoiser, images: torch.Tensor, conditions: torch.Tensor,
-               preset: TypicalityPreset = PAPER, *, seed: int = 0) -> TypicalityResult:
+               preset: TypicalityPreset = PAPER, *, seed: int = 0, draw_maps: bool = False) -> TypicalityResult:
     """T(x | c) for a batch: images [B, 3, H, W] in [-1, 1], conditions [B, n_labels] multi-hot."""
-    return next(typicality_stream(denoiser, [(images, conditions)], preset, seed=seed))
+    return next(typicality_stream(denoiser, [(images, conditions)], preset, seed=seed, draw_maps=draw_maps))
 
 
 def typicality_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
-                      preset: TypicalityPreset = PAPER, *, seed: int = 0) -> Iterator[TypicalityResult]:
-    """Score batches `(images, conditions[, keys])` as they come; yields one result per batch."""
+                      preset: TypicalityPreset = PAPER, *, seed: int = 0,
+                      draw_maps: bool = False) -> Iterator[TypicalityResult]:
+    """Score batches `(images, conditions[, keys])` as they come; yields one result per batch.
+    `draw_maps` also keeps every draw's map (N times a map's memory per image)."""
     with _inference(denoiser, preset):
         for batch in batches:
             images, conditions, keys = _unpack(batch, need_conditions=True)
@@ -134,12 +139,14 @@ def typicality_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
                 raise ValueError("typicality needs a label for every image; got an all-zero (null) condition")
             latents = _encode(denoiser, images, seed)
             null = denoiser.null_condition(len(latents), device=_device(denoiser))
-            per_draw, map_sums, used = _losses(denoiser, latents, [null, conditions], preset, seed)
+            per_draw, map_sums, used, every_draw = _losses(denoiser, latents, [null, conditions], preset, seed,
+                                                           keep_draw_maps=draw_maps)
             differences = per_draw[:, 0] - per_draw[:, 1]  # [B, N]: null minus label
             scores, stderr = _masked_mean_and_stderr(differences, used, preset)
             maps = (map_sums[:, 0] - map_sums[:, 1]) / used[:, None, None]
             yield TypicalityResult(maps=maps, scores=scores, stderr=stderr, draws=used,
-                                   differences=differences, keys=keys)
+                                   differences=differences, keys=keys,
+                                   draw_maps=every_draw[:, 0] - every_draw[:, 1] if draw_maps else None)
 
 
 def label_scores(denoiser: ConditionalDenoiser, images: torch.Tensor, preset: TypicalityPreset = PAPER,
@@ -163,7 +170,7 @@ def label_scores_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
             eye = torch.eye(denoiser.num_labels, device=_device(denoiser))
             condition_sets = [denoiser.null_condition(len(latents), device=_device(denoiser))]
             condition_sets += [eye[m].expand(len(latents), -1) for m in range(denoiser.num_labels)]
-            per_draw, map_sums, used = _losses(denoiser, latents, condition_sets, preset, seed)
+            per_draw, map_sums, used, _ = _losses(denoiser, latents, condition_sets, preset, seed)
             losses = per_draw.sum(dim=2) / used[:, None]  # draws never taken are zeros
             _, stderr = _masked_mean_and_stderr(per_draw[:, :1] - per_draw[:, 1:], used, preset)
             label_maps = (map_sums[:, :1] - map_sums[:, 1:]) / used[:, None, None, None] if maps else None
@@ -174,8 +181,10 @@ def label_scores_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
 
 # --- the shared inner loop ---------------------------------------------------------------------
 def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets: list[torch.Tensor],
-            preset: TypicalityPreset, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-draw image-level losses [B, J, N], summed loss maps [B, J, h, w], draws used [B].
+            preset: TypicalityPreset, seed: int, keep_draw_maps: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-draw image-level losses [B, J, N], summed loss maps [B, J, h, w], draws used [B], and
+    with `keep_draw_maps` every draw's loss map [B, J, N, h, w] (else None).
 
     Losses of importance-sampled draws carry their weight p/q, so plain means stay unbiased.
     Work items are (image, draw, condition) triples, condition fastest, so the J conditions of a
@@ -191,6 +200,8 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
     conditions = torch.stack(condition_sets, dim=1).to(device)  # [B, J, L]
     per_draw = torch.zeros(batch, conditions_per_draw, preset.draws, device=device)
     map_sums = torch.zeros(batch, conditions_per_draw, height, width, device=device)
+    draw_maps = torch.zeros(batch, conditions_per_draw, preset.draws, height, width, device=device) \
+        if keep_draw_maps else None
     used = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.arange(batch, device=device)
     rows = _rows_per_call(denoiser, preset, latents.shape[-2:])
@@ -212,6 +223,8 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
                 * weights[draw, None, None]
             per_draw[image, cond, draw] = loss.mean(dim=(1, 2))
             map_sums.view(-1, *loss.shape[1:]).index_add_(0, image * conditions_per_draw + cond, loss)
+            if draw_maps is not None:
+                draw_maps[image, cond, draw] = loss
         used[active] += preset.rounds_of
         if preset.target_stderr is not None:
             differences = per_draw[active, :1, : start + preset.rounds_of] - \
@@ -220,7 +233,7 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             active = active[stderr > preset.target_stderr]
             if len(active) == 0:
                 break
-    return per_draw, map_sums, used
+    return per_draw, map_sums, used, draw_maps
 
 
 def _rows_per_call(denoiser: ConditionalDenoiser, preset: TypicalityPreset, shape) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from worker.context import JobContext
 from worker.handlers.run_views import mine_label_scores, mine_map
 from worker.models import load_trained, run_view
 
-STAGES = ("patches", "features", "clusters", "crops", "trends", "label_scores", "map")
+STAGES = ("patches", "settle", "features", "clusters", "crops", "trends", "label_scores", "map")
 FEATURE_BATCH = 16
 CROP_PX = 96
 
@@ -51,6 +52,7 @@ class RunInfo:
         self.per_label, self.per_image, self.clusters = mine.per_label, mine.per_image, mine.clusters
         # "typical" is the method; "least" (-T) and "random" are its baselines, same pipeline.
         self.selection, self.merge_threshold = mine.selection, mine.merge_threshold
+        self.support_share = mine.support_share
         self.lookalike_threshold = mine.lookalike_threshold
         self.trend_members, self.trend_draws = mine.trend_members, mine.trend_draws
 
@@ -59,7 +61,7 @@ def run_mine(context: JobContext) -> dict:
     info = RunInfo(context, context.job.run_id)
     if "score" not in info.stages_done:
         raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
-    stage_functions = {"patches": mine_patches, "features": mine_features,
+    stage_functions = {"patches": mine_patches, "settle": mine_settle, "features": mine_features,
                        "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends,
                        "label_scores": mine_label_scores, "map": mine_map}
     skipped = {"trends": not info.ordinal, "label_scores": not info.params.all_labels}
@@ -131,17 +133,23 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
             return P.random_boxes(scores, info.patch_size, info.per_image, seed=info.seed)
         return P.top_boxes(scores, info.patch_size, info.per_image)
 
+    # One more than kept: the best candidate left out marks where the label's top K is cut.
     if info.selection == "least":
-        best = P.least_per_label(candidates(), info.per_label)
+        best = P.least_per_label(candidates(), info.per_label + 1)
     elif info.selection == "random":
-        best = P.random_per_label(candidates(), info.per_label, seed=info.seed)
+        best = P.random_per_label(candidates(), info.per_label + 1, seed=info.seed)
     else:
-        best = P.top_per_label(candidates(), info.per_label)
+        best = P.top_per_label(candidates(), info.per_label + 1)
+    cuts = {str(label_id): kept.pop()[0] for label_id, kept in best.items() if len(kept) > info.per_label}
     image_ids = sorted({image_id for kept in best.values() for _, (image_id, _) in kept})
+    # Feature parts name the patches they were computed for; new patches make them stale (and
+    # reused ids would silently give a patch another's features).
+    shutil.rmtree(info.dir / "features", ignore_errors=True)
     with session_scope(context.settings) as session:
         sizes = dict(((i, (w, h)) for i, w, h in session.execute(
             select(Image.id, Image.width, Image.height).where(Image.id.in_(image_ids)))))
         session.execute(delete(Patch).where(Patch.run_id == info.run_id))
+        session.get(MiningRun, info.run_id).top_k_cuts = cuts if info.selection != "random" else None
         rows = []
         for label_id, kept in best.items():
             for score, (image_id, box) in kept:
@@ -152,6 +160,13 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
                                  y1=math.ceil(y1), score=score))
         if rows:
             session.execute(insert(Patch), rows)
+
+
+def mine_settle(context: JobContext, info: RunInfo) -> None:
+    """Each patch's standard error, and its chance to stay in its label's top K (worker/handlers/settle.py)."""
+    from worker.handlers.settle import settle_patches
+
+    settle_patches(context, info, patch_groups(context, info))
 
 
 # --- features ----------------------------------------------------------------------------------
@@ -304,7 +319,7 @@ def mine_clusters(context: JobContext, info: RunInfo) -> None:
     clusters = []
     for number, (label_id, _) in enumerate(info.labels, 1):
         with session_scope(context.settings) as session:
-            rows = session.execute(select(Patch.id, Patch.feature_row, Patch.score)
+            rows = session.execute(select(Patch.id, Patch.feature_row, Patch.score, Patch.stay)
                                    .where(Patch.run_id == info.run_id, Patch.label_id == label_id,
                                           Patch.feature_row.is_not(None))
                                    .order_by(Patch.id)).all()
@@ -371,14 +386,16 @@ def cluster_label(info: RunInfo, label_id: int, rows, features, run_mean: np.nda
         merge_near_duplicates,
         order_clusters,
     )
+    from worker.engine.settled import cluster_stability
 
     patch_ids = np.array([r[0] for r in rows])
     label_features = np.asarray(features[[r[1] for r in rows]])
     scores = np.array([r[2] for r in rows])
+    stay = np.array([np.nan if r[3] is None else r[3] for r in rows])  # None: not settled (random)
     keep = ~exclude_lookalikes(label_features - run_mean, artifacts, info.lookalike_threshold)
     if not keep.any():
         return []
-    patch_ids, label_features, scores = patch_ids[keep], label_features[keep], scores[keep]
+    patch_ids, label_features, scores, stay = patch_ids[keep], label_features[keep], scores[keep], stay[keep]
     clustering = cluster_features(label_features, k=info.clusters, seed=info.seed)
     # DIFT features share a large common component (raw centroid cosines are ~0.99 even for
     # visibly different clusters), so near-duplicates are judged on centroids centred on the
@@ -388,11 +405,17 @@ def cluster_label(info: RunInfo, label_id: int, rows, features, run_mean: np.nda
     centroids = np.stack([label_features[assignments == c].mean(axis=0)
                           for c in range(assignments.max() + 1)])
     distances = distances_to_centroids(label_features, centroids, assignments)
-    coherences = coherence(label_features, assignments)
+    # Centred for the same reason: on raw DIFT features every cluster's coherence is ~0.99.
+    coherences = coherence(label_features - run_mean, assignments)
+    stabilities = cluster_stability(assignments, stay)
     out = []
-    for rank, ranked in enumerate(order_clusters(assignments, distances, scores)):
+    for rank, ranked in enumerate(order_clusters(assignments, distances, scores,
+                                                 prior_size=info.support_share * len(scores))):
+        stability = float(stabilities[ranked.cluster])
         cluster = Cluster(run_id=info.run_id, label_id=label_id, rank=rank, size=len(ranked.members),
                           median_typicality=ranked.median_typicality,
+                          ranking_typicality=ranked.ranking_typicality,
+                          stability=None if math.isnan(stability) else stability,
                           coherence=float(coherences[ranked.cluster]))
         members = [dict(patch_id=int(patch_ids[m]), position=p, distance=float(distances[m]))
                    for p, m in enumerate(ranked.members)]
