@@ -69,17 +69,19 @@ class Tiling:
 
 def tiled_typicality(denoiser: ConditionalDenoiser, images: torch.Tensor, conditions: torch.Tensor,
                      preset: TypicalityPreset = PAPER, *, seed: int = 0, tile: int,
-                     stride: int | None = None) -> TypicalityResult:
+                     stride: int | None = None, draw_maps: bool = False) -> TypicalityResult:
     """`typicality` of images [B, 3, H, W] (H, W >= tile) assembled from tile x tile windows."""
     batch = len(images)
     tiling = Tiling(*images.shape[-2:], tile, stride)
     count = len(tiling.origins)
-    tiles = typicality(denoiser, tiling.cut(images), conditions.repeat_interleave(count, dim=0), preset, seed=seed)
+    tiles = typicality(denoiser, tiling.cut(images), conditions.repeat_interleave(count, dim=0), preset, seed=seed,
+                       draw_maps=draw_maps)
     maps = tiling.assemble(tiles.maps, batch)
     differences = tiling.combine(tiles.differences, batch)
     return TypicalityResult(maps=maps, scores=maps.mean(dim=(1, 2)),
                             stderr=standard_error(differences, preset.timesteps, preset.round_size),
-                            draws=tiles.draws.cpu().view(batch, count).min(dim=1).values, differences=differences)
+                            draws=tiles.draws.cpu().view(batch, count).min(dim=1).values, differences=differences,
+                            draw_maps=tiling.assemble(tiles.draw_maps, batch) if draw_maps else None)
 
 
 def tiled_label_scores(denoiser: ConditionalDenoiser, images: torch.Tensor, preset: TypicalityPreset = PAPER,
@@ -111,12 +113,19 @@ def training_tile(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int | 
 
 
 def typicality_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor, conditions: torch.Tensor,
-                          preset: TypicalityPreset = PAPER, *, seed: int = 0) -> TypicalityResult:
+                          preset: TypicalityPreset = PAPER, *, seed: int = 0,
+                          draw_maps: bool = False) -> TypicalityResult:
     """`typicality`, through tiles of the training size when the images are larger than it."""
     tile = training_tile(denoiser, images)
     if tile is None:
-        return typicality(denoiser, images, conditions, preset, seed=seed)
-    return tiled_typicality(denoiser, images, conditions, preset, seed=seed, tile=tile)
+        return typicality(denoiser, images, conditions, preset, seed=seed, draw_maps=draw_maps)
+    return tiled_typicality(denoiser, images, conditions, preset, seed=seed, tile=tile, draw_maps=draw_maps)
+
+
+def passes_per_draw(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int:
+    """Denoiser inputs one draw of one image costs per condition: its tiles, or 1."""
+    tile = training_tile(denoiser, images)
+    return 1 if tile is None else len(Tiling(*images.shape[-2:], tile).origins)
 
 
 def label_scores_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor,
