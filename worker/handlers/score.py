@@ -304,9 +304,7 @@ def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores:
     10 labels, about a 512 px JPEG of the image). Acceptable: only all_labels runs pay it, and
     they already pay (labels + 1) forward passes per draw, which costs far more than the disk.
     """
-    from worker.engine.tiles import label_scores_as_trained
-
-    from worker.engine.tiles import passes_per_draw
+    from worker.engine.tiles import label_scores_as_trained, passes_per_draw
 
     everything = label_scores_as_trained(denoiser, images, preset, seed=seed, maps=True)
     scores.passes += len(images) * preset.draws_used * (len(label_ids) + 1) * passes_per_draw(denoiser, images)
