@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.engine.adaptive import box_bounds, kth_largest, open_rows
+from worker.engine.adaptive import box_bounds, extend, kth_largest, open_rows
 from worker.engine.patches import patch_scores, top_boxes
 from worker.engine.presets import ADAPTIVE, PAPER, get_preset
 
@@ -11,7 +11,7 @@ from worker.engine.presets import ADAPTIVE, PAPER, get_preset
 def test_box_bounds_are_the_mined_boxes_with_their_spread_over_draws():
     g = torch.Generator().manual_seed(0)
     draw_maps = torch.randn(2, 10, 16, 16, generator=g) + torch.linspace(0, 3, 16)  # [rows, draws, h, w]
-    bounds = box_bounds(draw_maps, shorter_side=32, patch_size=6, per_image=3)
+    bounds = box_bounds(draw_maps.mean(dim=1), draw_maps, [10, 10], shorter_side=32, patch_size=6, per_image=3)
     for row, (scores, errors) in zip(draw_maps, bounds):
         grid = patch_scores(row.mean(dim=0), 32, 6)
         boxes = top_boxes(grid, 6, 3)
@@ -19,8 +19,25 @@ def test_box_bounds_are_the_mined_boxes_with_their_spread_over_draws():
         first = boxes[0]
         per_draw = patch_scores(row, 32, 6)[:, first.y0, first.x0]
         assert errors[0] == pytest.approx(float(per_draw.std() / 10 ** 0.5), rel=1e-5)
-    same = box_bounds(torch.ones(1, 4, 8, 8), shorter_side=8, patch_size=4, per_image=2)[0]
+    same = box_bounds(torch.ones(1, 8, 8), torch.ones(1, 4, 8, 8), [4], shorter_side=8, patch_size=4, per_image=2)[0]
     assert (same[1] == 0).all()
+    # A later stage: the boxes of the mean over all draws, the spread of this stage's draws over
+    # the root of all of them.
+    later = box_bounds(draw_maps[:1].mean(dim=1), draw_maps[:1, 6:], [10], shorter_side=32, patch_size=6,
+                       per_image=1)[0]
+    box = top_boxes(patch_scores(draw_maps[0].mean(dim=0), 32, 6), 6, 1)[0]
+    assert later[0, 0] == pytest.approx(box.score, abs=1e-6)
+    assert later[1, 0] == pytest.approx(float(patch_scores(draw_maps[0, 6:], 32, 6)[:, box.y0, box.x0].std())
+                                        / 10 ** 0.5, rel=1e-5)
+
+
+def test_a_stage_extends_the_earlier_draws():
+    g = torch.Generator().manual_seed(1)
+    draws = torch.randn(10, 4, 4, generator=g)
+    total, differences = extend(None, None, draws[:4].mean(dim=0), draws[:4].mean(dim=(1, 2)))
+    total, differences = extend(total, differences, draws[4:].mean(dim=0), draws[4:].mean(dim=(1, 2)))
+    torch.testing.assert_close(total / 10, draws.mean(dim=0))
+    torch.testing.assert_close(differences, draws.mean(dim=(1, 2)))
 
 
 def rows_of(label, *boxes):

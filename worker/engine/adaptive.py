@@ -7,15 +7,17 @@ preset's sequence (`TypicalityPreset.stages`), and goes on to the next stage, mo
 same sequence, while its place is uncertain:
 
 * each row's top boxes get a score and a standard error from the per-draw values of the box
-  (`box_bounds`);
+  (`box_bounds`; the stage's own draws estimate the spread, divided by the root of all draws);
 * a label's bar is the K-th largest lower bound (score - z stderr) over all of its rows' boxes:
   if the bounds hold, at least K boxes truly score above it, so the true K-th best does too;
 * a row stays open while the upper bound of its best box (best score + z x its largest box
   stderr) reaches the bar (`open_rows`). A closed row's boxes are, within the bounds, all
   below the label's K-th best: it cannot be mined.
 
-The last stage is the paper's draws, so every row that can be mined ends with the paper's N
-draws: its map and its top boxes are paper-quality. The bar is recomputed after each stage
+A later stage scores only the draws the row has not had yet and adds them to its earlier ones
+(`extend`: the map is the mean over all of them), so a row open to the end costs the paper's N
+draws. The last stage is the paper's draws, so every row that can be mined ends with the paper's
+N draws: its map and its top boxes are paper-quality. The bar is recomputed after each stage
 from every row's latest bounds; a row closed earlier that a later bar reopens is scored at N
 too (the score job loops until no open row has fewer than N draws).
 """
@@ -33,23 +35,32 @@ from .patches import image_shape_of, patch_scores, top_boxes
 Bounds = np.ndarray  # [2, P]: row 0 the scores of the row's top boxes, row 1 their standard errors
 
 
-def box_bounds(draw_maps: torch.Tensor, shorter_side: int, patch_size: int, per_image: int) -> list[Bounds]:
-    """Scores and standard errors of each row's top boxes, from its per-draw maps [R, N, h, w].
-
-    The boxes are those the mine job would take from the mean map (upsampled to the image at
-    `shorter_side`, k x k average-pooled, greedy); a box's standard error is the spread of its
-    mean over the N draws' maps / sqrt(N), the same i.i.d. formula as the image score's."""
+def box_bounds(mean_maps: torch.Tensor, draw_maps: torch.Tensor, total_draws: Sequence[int], shorter_side: int,
+               patch_size: int, per_image: int) -> list[Bounds]:
+    """Scores and standard errors of each row's top boxes: the boxes the mine job would take
+    from the row's mean map [R, h, w] (upsampled to the image at `shorter_side`, k x k
+    average-pooled, greedy), their spread over the draws of `draw_maps` [R, n, h, w] (this stage's
+    draws: n of the row's `total_draws`), the same i.i.d. formula as the image score's."""
     bounds = []
-    for maps in draw_maps:  # one row at a time: N pooled maps of a large image are big
-        shape = image_shape_of(maps.shape[-2:], shorter_side)
-        per_draw = patch_scores(maps, shape, patch_size)  # [N, Hs, Ws]
-        mean = per_draw.mean(dim=0)  # pooling is linear: the pooled mean map
-        boxes = top_boxes(mean, patch_size, per_image)
-        values = torch.stack([per_draw[:, box.y0, box.x0] for box in boxes], dim=1)  # [N, P]
-        scores = values.mean(dim=0)
-        errors = values.std(dim=0) / len(values) ** 0.5
+    for mean, maps, total in zip(mean_maps, draw_maps, total_draws):  # one row at a time: N pooled maps are big
+        shape = image_shape_of(mean.shape[-2:], shorter_side)
+        boxes = top_boxes(patch_scores(mean, shape, patch_size), patch_size, per_image)
+        per_draw = patch_scores(maps, shape, patch_size)  # [n, Hs, Ws]
+        values = torch.stack([per_draw[:, box.y0, box.x0] for box in boxes], dim=1)  # [n, P]
+        scores = torch.tensor([box.score for box in boxes])
+        errors = values.std(dim=0) / total ** 0.5
         bounds.append(torch.stack([scores, errors]).numpy().astype(np.float64))
     return bounds
+
+
+def extend(prior_sum: torch.Tensor | None, prior_differences: torch.Tensor | None, maps: torch.Tensor,
+           differences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's map sum and per-draw differences after a stage that scored `differences` [n] more
+    draws with mean map `maps` [h, w], on top of the earlier stages' (None: the first stage)."""
+    total = maps * len(differences)
+    if prior_sum is None:
+        return total, differences
+    return prior_sum + total, torch.cat([prior_differences, differences])
 
 
 def open_rows(rows: dict[Hashable, tuple[Hashable, Bounds]], per_label: int, confidence: float) -> set:

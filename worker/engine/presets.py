@@ -44,6 +44,9 @@ class TypicalityPreset:
     #: score with only the first `prefix` draws of this preset's sequence (None: all `draws`);
     #: an adaptive stage, or a cheap first look that the full draws extend
     prefix: int | None = None
+    #: leave out the first `skip` of those draws: an adaptive stage that extends earlier draws
+    #: scores draws [skip, prefix) only
+    skip: int = 0
     #: adaptive scoring (worker/engine/adaptive.py): the draws of each stage, the last equal to
     #: `draws`. Every row is scored at the first; a row goes on to the next stage while its
     #: place in its label's top patches is uncertain.
@@ -77,6 +80,8 @@ class TypicalityPreset:
         if self.prefix is not None and not (2 <= self.prefix <= self.draws and self.prefix % self._round_unit == 0):
             raise ValueError(f"prefix must be 2..{self.draws} draws in whole rounds of {self._round_unit}, "
                              f"got {self.prefix}")
+        if not 0 <= self.skip < (self.prefix or self.draws) or self.skip % self._round_unit:
+            raise ValueError(f"skip must be whole rounds below the draws used, got {self.skip}")
         if self.stages is not None:
             steps = list(self.stages)
             if len(steps) < 2 or steps != sorted(set(steps)) or steps[0] < 2 or steps[-1] != self.draws:
@@ -100,15 +105,15 @@ class TypicalityPreset:
 
     @property
     def draws_used(self) -> int:
-        """Draws scored per image: the prefix, if one is set, else all of them."""
-        return self.prefix or self.draws
+        """Draws scored per image: those of the prefix, if one is set, else all, less the skipped."""
+        return (self.prefix or self.draws) - self.skip
 
     @property
     def sampling_key(self) -> str:
         """What fixes this preset's (t, eps) sequence, and names its random stream
         (worker/engine/streams.py): presets that differ in any of it share no noise, e.g.
-        `PAPER.with_(draws=32)` does not reuse the paper's first 32 draws. Not in it: how many
-        of the draws are used (`prefix`, early stopping), speed settings, and the name."""
+        `PAPER.with_(draws=32)` does not reuse the paper's first 32 draws. Not in it: which of
+        the draws are used (`prefix`, `skip`, early stopping), speed settings, and the name."""
         return repr((self.timesteps, self.draws, self.rounds_of, self.t_min, self.t_max,
                      self.timestep_weights, self.stages))
 

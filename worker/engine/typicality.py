@@ -100,13 +100,13 @@ def draw_timesteps_and_noise(preset: TypicalityPreset, seed: int, shape: Sequenc
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The preset's draws for one image of latent `shape`: t [N] int64, eps [N, *shape], and
     the importance weights [N] of the draws (ones unless timesteps="importance"); N is the
-    draws used (`preset.draws_used`), the first of the preset's sequence."""
+    draws used (`preset.draws_used`): the first of the preset's sequence, after `preset.skip`."""
     g = generator(seed, "typicality-draws", *text_key(preset.sampling_key))
     timesteps, weights = sample_timesteps(preset.timesteps, preset.draws, preset.rounds_of, preset.t_min,
                                           preset.t_max, g, preset.timestep_weights)
     noise = torch.randn((preset.draws, *shape), generator=g)
-    used = preset.draws_used
-    return timesteps[:used], noise[:used], weights[:used]
+    window = slice(preset.skip, preset.skip + preset.draws_used)
+    return timesteps[window], noise[window], weights[window]
 
 
 def standard_error(differences: torch.Tensor, timesteps: str = "uniform",

@@ -50,6 +50,9 @@ class ShardScores:
     other_maps: dict[str, np.ndarray] = field(default_factory=dict)
     #: adaptive: map key -> [2, P] scores and standard errors of the row's top boxes
     bounds: dict[str, np.ndarray] = field(default_factory=dict)
+    #: adaptive: map key -> (map sum, per-draw differences) of all the row's draws, which a
+    #: later stage extends
+    state: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     #: denoiser inputs spent (rows x draws x conditions x tiles)
     passes: int = 0
 
@@ -77,7 +80,7 @@ def run_score(context: JobContext) -> dict:
     def write(path, shard, scores):
         nonlocal passes
         if stages:
-            save_maps(bounds_file(path, 0), scores.bounds)  # before the map file that marks the shard done
+            save_stage(bounds_file(path, 0), scores)  # before the map file that marks the shard done
         write_shard(settings, shard, path, run_id=run_id, scores=scores)
         passes += scores.passes
 
@@ -116,8 +119,9 @@ def current_bounds(maps_dir: Path, stages, before: int) -> tuple[dict, dict]:
                 continue
             with np.load(path) as data:
                 for key in data.files:
-                    bounds[key] = (int(key.split("_")[1]), data[key])
-                    draws[key] = next_stage_draws(stages, stage)
+                    if ":" not in key:  # not a row's map sum or draws
+                        bounds[key] = (int(key.split("_")[1]), data[key])
+                        draws[key] = next_stage_draws(stages, stage)
     return bounds, draws
 
 
@@ -136,9 +140,9 @@ def adaptive_stages(context: JobContext, record, maps_dir: Path, stages, stage_e
             return done_stages
         target = next_stage_draws(stages, stage)
         todo = {int(key.split("_")[0]) for key in still_open if draws[key] < target}
-        pieces = [(bounds_file(path, stage), subset)
+        pieces = ((bounds_file(path, stage), stage_task(path, subset, stage, record.label_ids))
                   for path, shard in shards(settings, record.label_set_id, params.shard_size, maps_dir)
-                  if (subset := [e for e in shard if e.image_id in todo])]
+                  if (subset := [e for e in shard if e.image_id in todo]))
         passes = 0
 
         def write(path, subset, scores):
@@ -150,6 +154,11 @@ def adaptive_stages(context: JobContext, record, maps_dir: Path, stages, stage_e
                    message=f"{{done}}/{{total}} images at {target} draws", size=len, total=len(todo))
         done_stages.append({"stage": stage, "draws": target, "images": len(todo), "passes": passes})
         stage += 1
+
+
+def stage_task(shard_file: Path, subset: list[Example], stage: int, label_ids: list[int]) -> StageTask:
+    keys = {map_key(e.image_id, label_ids[label]) for e in subset for label in e.label_indices}
+    return StageTask(subset, row_states(shard_file, stage, keys))
 
 
 def rescore_rows(settings: Settings, maps_dir: Path, stage_file: Path, *, run_id: int,
@@ -166,7 +175,28 @@ def rescore_rows(settings: Settings, maps_dir: Path, stage_file: Path, *, run_id
                 ImageScore.run_id == run_id, ImageScore.image_id == r["image_id"],
                 ImageScore.label_id == r["label_id"])).values(
                 typicality=r["typicality"], std_error=r["std_error"], draws=r["draws"]))
-    save_maps(stage_file, scores.bounds)
+    save_stage(stage_file, scores)
+
+
+def save_stage(path: Path, scores: ShardScores) -> None:
+    """A stage's file: each scored row's box bounds (key), map sum (key:sum) and per-draw
+    differences (key:draws)."""
+    arrays = dict(scores.bounds)
+    for key, (total, differences) in scores.state.items():
+        arrays[f"{key}:sum"], arrays[f"{key}:draws"] = total, differences
+    save_maps(path, arrays)
+
+
+def row_states(shard_file: Path, before: int, keys: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The latest (map sum, per-draw differences) of these rows from the shard's stages < `before`."""
+    states = {}
+    for stage in range(before):
+        path = bounds_file(shard_file, stage)
+        if path.exists():
+            with np.load(path) as data:
+                for key in keys & {name for name in data.files if ":" not in name}:
+                    states[key] = (data[f"{key}:sum"], data[f"{key}:draws"])
+    return states
 
 
 #: Denoiser inputs per forward call for pixel models on a GPU. At the presets' 128 a 32 px pass
@@ -222,16 +252,30 @@ def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
         after_id = shard[-1].image_id
 
 
-def compute_shard(denoiser, shard: list[Example], label_ids: list[int], params: RunParams,
+@dataclass
+class StageTask:
+    """A later adaptive stage's work in one shard: the images to score further, and the draws
+    their rows already have (map key -> (map sum [h, w], per-draw differences [n]))."""
+
+    examples: list[Example]
+    prior: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def compute_shard(denoiser, shard: list[Example] | StageTask, label_ids: list[int], params: RunParams,
                   view=None, stage_draws: int | None = None) -> ShardScores:
     """Typicality of a shard's images under their own labels (and every label with all_labels),
     with a map for every row, each image seen through `view` (default: the centre square at the
     model's resolution); images of one shape are scored in one batch. `stage_draws`: an adaptive
-    stage, the first draws of the preset's sequence, with each row's box bounds."""
+    stage, up to that many draws of the preset's sequence (extending a StageTask's earlier
+    draws), with each row's box bounds."""
     from worker.engine.data import View, load_view_groups
 
     view = view or View(denoiser_resolution(denoiser), whole=False)
     preset, seed = preset_for(params, denoiser), params.seed
+    examples, prior = (shard.examples, shard.prior) if isinstance(shard, StageTask) else (shard, None)
     bounds = None
     if stage_draws is not None:
         from worker.engine.patches import default_patch_size
@@ -241,53 +285,89 @@ def compute_shard(denoiser, shard: list[Example], label_ids: list[int], params: 
                       per_image=params.mine.per_image)
     scores = ShardScores(maps={}, records=[])
     records: dict = {}
-    first_stage = stage_draws is None or stage_draws == preset.stages[0]
-    for indices, images in load_view_groups([e.path for e in shard], view):
-        group = [shard[i] for i in indices]
-        records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores, bounds))
-        if params.all_labels and first_stage:  # later stages refine the own labels' rows only
+    for indices, images in load_view_groups([e.path for e in examples], view):
+        group = [examples[i] for i in indices]
+        if bounds is None:
+            records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores))
+        else:
+            records.update(staged_scores(denoiser, group, images, label_ids, preset, seed, scores, bounds, prior))
+        if params.all_labels and prior is None:  # later stages refine the own labels' rows only
             every_label_scores(denoiser, group, images, label_ids, preset, seed, scores, records)
     scores.records = list(records.values())
     return scores
 
 
-#: With box bounds, rows are scored in chunks of at most this many per-draw map values, so
-#: keeping every draw's map stays within about 256 MiB (float32, maps and their tile copies).
-DRAW_MAP_VALUES = 2 ** 25
+def own_label_rows(shard: list[Example]) -> list[tuple[int, int]]:
+    """(index in shard, label index): one row per (image, own label), so a multi-label image is
+    scored under each of its labels."""
+    return [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
 
 
-def own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores,
-                     bounds: dict | None = None) -> dict:
-    """(image, label) -> record under each own label, its map added to `scores.maps` (and its box
-    bounds to `scores.bounds` when `bounds` gives the mining's box settings)."""
+def own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores) -> dict:
+    """(image, label) -> record under each own label, its map added to `scores.maps`."""
     from worker.engine.data import multi_hot
     from worker.engine.tiles import passes_per_draw, typicality_as_trained
 
-    # One row per (image, own label): a multi-label image is scored under each of its labels.
-    rows = [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
-    tiles = passes_per_draw(denoiser, images)
-    chunk = len(rows) if bounds is None else \
-        max(1, DRAW_MAP_VALUES // (preset.draws_used * tiles * images[0, 0].numel()))
+    rows = own_label_rows(shard)
+    own = typicality_as_trained(denoiser, images[[i for i, _ in rows]],
+                                multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed)
     records = {}
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        own = typicality_as_trained(denoiser, images[[i for i, _ in part]],
-                                    multi_hot([label for _, label in part], len(label_ids)), preset, seed=seed,
-                                    draw_maps=bounds is not None)
-        if bounds is not None:
-            from worker.engine.adaptive import box_bounds
+    for r, (i, label) in enumerate(rows):
+        image_id, label_id = shard[i].image_id, label_ids[label]
+        scores.maps[map_key(image_id, label_id)] = own.maps[r].cpu().numpy().astype(np.float16)
+        records[(image_id, label_id)] = dict(
+            image_id=image_id, label_id=label_id, typicality=float(own.scores[r]),
+            std_error=float(own.stderr[r]), draws=int(own.draws[r]), loss=None, map_key=map_key(image_id, label_id))
+    scores.passes += len(rows) * preset.draws_used * 2 * passes_per_draw(denoiser, images)
+    return records
 
-            row_bounds = box_bounds(own.draw_maps.cpu(), **bounds)
-        for r, (i, label) in enumerate(part):
-            image_id, label_id = shard[i].image_id, label_ids[label]
-            key = map_key(image_id, label_id)
-            scores.maps[key] = own.maps[r].cpu().numpy().astype(np.float16)
-            if bounds is not None:
+
+#: Adaptive stages keep every draw's map: rows are scored in chunks of at most this many
+#: per-draw map values, about 256 MiB (float32, the maps and their tiles' copies).
+DRAW_MAP_VALUES = 2 ** 25
+
+
+def staged_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores, bounds: dict,
+                  prior: dict | None) -> dict:
+    """An adaptive stage: each own-label row scored up to `preset.prefix` draws, extending the
+    draws it already has in `prior`, with its state (map sum, per-draw differences) and its box
+    bounds added to `scores.state` and `scores.bounds`."""
+    import torch
+
+    from worker.engine.adaptive import box_bounds, extend
+    from worker.engine.data import multi_hot
+    from worker.engine.tiles import passes_per_draw, typicality_as_trained
+    from worker.engine.typicality import standard_error
+
+    tiles = passes_per_draw(denoiser, images)
+    by_start: dict[int, list] = {}  # rows grouped by the draws they already have
+    for i, label in own_label_rows(shard):
+        key = map_key(shard[i].image_id, label_ids[label])
+        had = prior[key] if prior and key in prior else None
+        by_start.setdefault(0 if had is None else len(had[1]), []).append((i, label, key, had))
+    records = {}
+    for skip, rows in sorted(by_start.items()):
+        stage = preset.with_(skip=skip)
+        chunk = max(1, DRAW_MAP_VALUES // (stage.draws_used * tiles * images[0, 0].numel()))
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            new = typicality_as_trained(denoiser, images[[i for i, *_ in part]],
+                                        multi_hot([label for _, label, *_ in part], len(label_ids)), stage, seed=seed,
+                                        draw_maps=True)
+            states = [extend(None if had is None else torch.from_numpy(had[0]),
+                             None if had is None else torch.from_numpy(had[1]), new.maps[r].cpu(),
+                             new.differences[r].cpu()) for r, (*_, had) in enumerate(part)]
+            means = torch.stack([total / len(differences) for total, differences in states])
+            row_bounds = box_bounds(means, new.draw_maps.cpu(), [len(d) for _, d in states], **bounds)
+            for r, (i, label, key, _) in enumerate(part):
+                (total, differences), mean = states[r], means[r]
+                scores.maps[key] = mean.numpy().astype(np.float16)
                 scores.bounds[key] = row_bounds[r]
-            records[(image_id, label_id)] = dict(
-                image_id=image_id, label_id=label_id, typicality=float(own.scores[r]),
-                std_error=float(own.stderr[r]), draws=int(own.draws[r]), loss=None, map_key=key)
-    scores.passes += len(rows) * preset.draws_used * 2 * tiles
+                scores.state[key] = (total.numpy().astype(np.float32), differences.numpy().astype(np.float32))
+                records[(shard[i].image_id, label_ids[label])] = dict(
+                    image_id=shard[i].image_id, label_id=label_ids[label], typicality=float(mean.mean()),
+                    std_error=float(standard_error(differences)), draws=len(differences), loss=None, map_key=key)
+        scores.passes += len(rows) * stage.draws_used * 2 * tiles
     return records
 
 
