@@ -5,7 +5,7 @@
 
 The product's own jobs in a real worker process (`diffmine worker`): a builtin dataset ingested
 with `--limit-per-label`, a model (twemoji: the demo's shipped category weights, demo/weights;
-animals: `diffmine train --size small`, trained once and kept in --home), then for each of
+animals: `diffmine train --size small` (or --size), trained once and kept in --home), then for each of
 --runs (preset:seed) a score job and a mine job with the given per-label count and clusters.
 Reported against `paper` at seed 0 (the reference), `paper` at seed 1 being the floor: the
 rank correlation of the image scores, the same top patch (all rows, and the rows either run
@@ -74,7 +74,7 @@ def prepare(args, env: dict) -> int:
             session.flush()
             return model.id
     began = time.perf_counter()
-    trained = diffmine(args.home, env, "train", args.dataset, "--size", "small", "--steps", str(args.train_steps),
+    trained = diffmine(args.home, env, "train", args.dataset, "--size", args.size, "--steps", str(args.train_steps),
                        "--batch-size", "32", "--lr", "1e-3")
     print(f"trained model {trained['model']} in {time.perf_counter() - began:.0f} s", flush=True)
     return trained["model"]
@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=3)
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=400, help="animals: training steps")
+    parser.add_argument("--size", choices=("tiny", "small"), default="small", help="animals: the model's width")
     parser.add_argument("--runs", default="paper:0,paper:1,adaptive:0,adaptive:1")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     parser.add_argument("--home", type=Path)
