@@ -258,7 +258,8 @@ def main() -> None:
         first = report["first_stage"]
         print(f"\n{name}, after its first stage (12 draws, {first['rows']} rows): spread of the rows' best box "
               f"scores / their median stderr = {first['best_box_spread_over_stderr']:.2f}")
-        print("| confidence z | rows open | fewer passes at best (12 draws, then 88 more for the open rows) |\n|---:|---:|---:|")
+        print("| confidence z | rows open | fewer passes at best (12 draws, then 88 more for the open rows) |")
+        print("|---:|---:|---:|")
         for z, row in first["by_confidence"].items():
             print(f"| {z} | {row['open']:.0%} | {row['fewer_passes_at_best']:.2f}x |")
     if args.out:
