@@ -11,12 +11,13 @@ written by `write_shard`, through `worker.pieces.run_pieces`: computed here, or,
 `DIFFMINE_RAY_ADDRESS` set, on Ray actors (worker/ray_backend.py), and written here either way.
 
 The adaptive preset (worker/engine/adaptive.py) scores in stages. Stage 0 is the pass above at
-the first stage's draws, each shard also leaving its rows' box bounds in
-`maps/adaptive/shard-N.stage-0.npz`. Each later stage rescores, at its draws, the images with a
-row still open under the bounds of the earlier stages, shard by shard: the shard's map file is
-rewritten with their maps, their rows updated, and `shard-N.stage-S.npz` (their new bounds)
-written last, marking that shard's stage done. Which rows a stage rescores is a function of the
-earlier stages' files alone, so a resumed job rescores the same rows, never a row twice.
+the first stage's draws, each shard also leaving its rows' box bounds, map sums and per-draw
+differences in `maps/adaptive/shard-N.stage-0.npz`. Each later stage takes the images with a row
+still open under the earlier stages' bounds up to its draws, shard by shard, scoring only the
+draws their rows lack and adding them to the earlier ones: the shard's map file is rewritten
+with their maps, their rows updated, and `shard-N.stage-S.npz` written last, marking that
+shard's stage done. Which rows a stage takes is a function of the earlier stages' files alone,
+so a resumed job takes the same rows and gives the same numbers, never scoring a row twice.
 """
 from __future__ import annotations
 
@@ -126,8 +127,9 @@ def current_bounds(maps_dir: Path, stages, before: int) -> tuple[dict, dict]:
 
 
 def adaptive_stages(context: JobContext, record, maps_dir: Path, stages, stage_executor) -> list[dict]:
-    """Stages 1, 2, ...: rescore the images with a row that may still be mined at more draws,
-    until every such row has the last stage's (the paper's) draws."""
+    """Stages 1, 2, ...: more draws for the images with a row that may still be mined, until
+    every such row has the last stage's (the paper's) draws. A row closed early that a later
+    bar reopens goes straight to the last stage's draws (the stages after the last)."""
     from worker.engine.adaptive import next_stage_draws, open_rows
 
     settings, params = context.settings, record.params
