@@ -37,6 +37,10 @@ TRANSLATION_PRESETS = {
 BACKENDS = ("pixel", "stable-diffusion")
 #: how scoring sees an image: whole at its own shape, or the old centre square
 VIEWS = ("whole", "centre-crop")
+#: image sides each backend needs to be a multiple of, in pixels: Stable Diffusion's VAE works at
+#: 1/8 and its UNet halves the latents three times (worker/engine/registry.py rounds whole views
+#: to it); pixel models take any size
+SIDE_MULTIPLES = {"pixel": 1, "stable-diffusion": 64}
 #: widths of the embedded pixel UNet (worker/engine/pixel.py)
 PIXEL_SIZES = ("tiny", "small", "base")
 

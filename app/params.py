@@ -45,9 +45,18 @@ class Params(BaseModel):
 #: Per-backend training defaults: the pixel model is trained from scratch on small crops; Stable
 #: Diffusion is fine-tuned at its native 512 px with the paper's batch of 8 (docs/method.md).
 BACKEND_DEFAULTS = {"pixel": dict(resolution=32, steps=1500, batch_size=32, size="small"),
-                    # Stable Diffusion scores the centre square for now: whole views need its
-                    # sides rounded to 64 px (issue 13, item 5).
-                    "stable-diffusion": dict(resolution=512, steps=5000, batch_size=8, view="centre-crop")}
+                    "stable-diffusion": dict(resolution=512, steps=5000, batch_size=8)}
+
+
+def check_side_multiple(backend: str, size: int, what: str) -> None:
+    """A ValueError when `size` px cannot be a side of the images `backend` scores (Stable
+    Diffusion: multiples of 64 px, catalog.SIDE_MULTIPLES)."""
+    multiple = catalog.SIDE_MULTIPLES[backend]
+    if size % multiple:
+        nearest = max(multiple, round(size / multiple) * multiple)
+        raise ValueError(f"{what} {size} px: {backend} needs image sides that are multiples of {multiple} px "
+                         f"(its VAE works at 1/8 and its UNet halves the latents three times); "
+                         f"try {nearest}")
 
 
 class TrainConfig(Params):
@@ -95,6 +104,8 @@ class TrainConfig(Params):
         if config.image_size is not None and config.image_size < config.resolution:
             raise ValueError(f"image size {config.image_size} is smaller than the training crops "
                              f"(resolution {config.resolution})")
+        check_side_multiple(backend, config.resolution, "resolution")
+        check_side_multiple(backend, config.scoring_size, "image size")
         if config.processes and config.batch_size % config.processes:
             # Launched training gives every process an equal slice of the global batch.
             raise ValueError(f"batch size {config.batch_size} does not split evenly over "

@@ -103,3 +103,23 @@ def _error(build) -> ValidationError:
     with pytest.raises(ValidationError) as caught:
         build()
     return caught.value
+
+
+def test_stable_diffusion_scores_whole_images_with_sides_of_64_px():
+    from worker.engine import registry
+
+    assert registry.SIDE_MULTIPLES == catalog.SIDE_MULTIPLES
+    assert TrainConfig.for_backend("stable-diffusion", base="sd").view == "whole"
+    assert TrainConfig.for_backend("stable-diffusion", base="sd", image_size=768).scoring_size == 768
+    with pytest.raises(ValueError, match="image size 700 px: stable-diffusion needs image sides that are "
+                                         "multiples of 64 px .* try 704"):
+        TrainConfig.for_backend("stable-diffusion", base="sd", image_size=700)
+    with pytest.raises(ValueError, match="resolution 100 px"):
+        TrainConfig.for_backend("stable-diffusion", base="sd", resolution=100, image_size=128)
+    assert TrainConfig.for_backend("pixel", image_size=50).scoring_size == 50  # pixel models: any size
+    # an SD model stored before whole views keeps the centre square it was scored through
+    stored = {"resolution": 512, "steps": 5000, "batch_size": 8, "seed": 0, "view": "centre-crop", "base": "sd"}
+    assert TrainConfig.model_validate(stored).view == "centre-crop"
+    params.check_side_multiple("stable-diffusion", 640, "image size")
+    with pytest.raises(ValueError, match="try 640"):
+        params.check_side_multiple("stable-diffusion", 650, "image size")

@@ -51,6 +51,16 @@ def test_home_from_environment(tmp_path):
     assert (tmp_path / "envhome" / "diffmine.sqlite").exists()
 
 
+def test_setting_flags_before_the_command(tmp_path):
+    """`diffmine --home X --json datasets`: flags before the command count as after it (a
+    subcommand's own default used to overwrite them, so the data went to ./diffmine-data)."""
+    done = subprocess.run([sys.executable, "-m", "app.cli", "--home", str(tmp_path / "before"), "--json",
+                           "datasets"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["datasets"] == []
+    assert (tmp_path / "before" / "diffmine.sqlite").exists()
+    assert not (tmp_path / "diffmine-data").exists()
+
+
 def test_ingest_names_the_dataset_after_its_zip(settings, tmp_path):
     archive = write_zip(tmp_path / "pets.zip", label_files({"cat": 6, "dog": 5}))
     done = run_diffmine(settings.home_dir, "ingest", str(archive), "--json")

@@ -30,7 +30,8 @@ def test_patches_clusters_and_their_order(mined_settings):
     with session_scope(mined_settings) as session:
         run = session.get(MiningRun, 1)
         assert run.status == "ready"
-        assert set(run.stages_done) == {"score", "patches", "features", "clusters", "crops"}
+        assert set(run.stages_done) == {"score", "patches", "features", "clusters", "crops",
+                                        "label_scores", "map"}
         patches = session.scalars(select(Patch)).all()
         assert 0 < len(patches) <= 10 * 20
         # Patches of a label come from its images, though the run kept maps under every label.

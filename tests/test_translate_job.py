@@ -170,3 +170,27 @@ def test_the_translation_window_is_an_r_crop_of_the_image_at_its_scoring_size(tm
     assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32 and round(x1 - x0) == 8 and round(y1 - y0) == 8
     whole = View(50).load(path)  # [3, 50, 100]: the window is a piece of it, flush right
     assert torch.equal(window, whole[:, 8:40, 68:100])  # centred on the box as far as it fits
+
+
+def test_the_stable_diffusion_window_is_an_r_crop_of_the_image_as_scoring_rounded_it(tmp_path):
+    """Stable Diffusion's whole view rounds both sides to 64 px; its translation window is the
+    R x R piece of that same view around the patch, and the box lands where scoring saw it."""
+    import numpy as np
+
+    from worker.engine.patches import box_to_model
+    from worker.engine.registry import scoring_view
+    from worker.handlers.translate import model_view
+
+    path = tmp_path / "wide.png"
+    PILImage.fromarray(np.random.default_rng(1).integers(0, 255, (100, 230, 3), dtype=np.uint8)).save(path)
+    view = scoring_view("stable-diffusion", 64)
+    whole = view.load(path)
+    assert whole.shape == (3, 64, 128)  # 230 x 100 at 64 px is 147 x 64: rounded to 128 x 64
+    box = [200, 30, 225, 55]  # at the right edge, in original pixels
+    window, in_window = model_view(path, (230, 100), box, 64, scored_at=64, multiple=64)
+    assert window.shape == (3, 64, 64)
+    assert torch.equal(window, whole[:, :, 64:128])  # flush right
+    expected = box_to_model(box, 64, (230, 100), whole=True, multiple=64)
+    assert np.allclose(in_window, (expected[0] - 64, expected[1], expected[2] - 64, expected[3]))
+    x0, _, x1, _ = in_window
+    assert 0 <= x0 < x1 <= 64 and x1 - x0 == pytest.approx(25 * 128 / 230)  # the rounded x scale

@@ -19,7 +19,7 @@ def locked(mined_settings):
 def test_every_page_needs_the_token(locked):
     page = locked.get("/runs/1", headers={"Accept": "text/html"}, follow_redirects=False)
     assert page.status_code == 303 and page.headers["location"] == "/login?next=%2Fruns%2F1"
-    for url in ("/runs/1.json", "/files/runs/1/crops/1.png", "/openapi.json", "/heatmaps/1/1/1.png"):
+    for url in ("/runs/1.json", "/files/runs/1/crops/x.png", "/openapi.json", "/heatmaps/1/1/1.png"):
         response = locked.get(url)
         assert response.status_code == 401, url
     assert locked.get("/static/style.css").status_code == 200

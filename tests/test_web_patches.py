@@ -34,8 +34,13 @@ def test_similar_patches_of_one_label(client):
     assert html.count('class="member"') == len(client.get("/patches/1/similar.json?label=2").json()["similar"])
 
 
+def first_crop(client) -> str:
+    """Patch 1's crop, home-relative (crops are named by image and box, not by patch id)."""
+    return client.get("/patches/1.json").json()["crop"]
+
+
 def test_crop_route_makes_a_missing_crop_once(mined_settings, client):
-    crop = mined_settings.runs_dir / "1" / "crops" / "1.png"
+    crop = mined_settings.home_dir / first_crop(client)
     crop.unlink()
     response = client.get("/patches/1/crop.png")
     assert response.status_code == 200 and crop.is_file()
@@ -43,11 +48,15 @@ def test_crop_route_makes_a_missing_crop_once(mined_settings, client):
 
 
 def test_runs_folder_serves_pictures_only(mined_settings, client):
-    crop = client.get("/files/runs/1/crops/1.png")
+    relative = first_crop(client)
+    # Named by image and box, so a patch id reused by a later mining can't bring back a cached crop
+    box = client.get("/patches/1.json").json()["box"]
+    assert relative.endswith("-" + "-".join(map(str, box)) + ".png")
+    crop = client.get(f"/files/{relative}")
     assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
-    assert crop.content == (mined_settings.runs_dir / "1" / "crops" / "1.png").read_bytes()
+    assert crop.content == (mined_settings.home_dir / relative).read_bytes()
     assert "immutable" in crop.headers["cache-control"]
-    again = client.get("/files/runs/1/crops/1.png", headers={"If-None-Match": crop.headers["etag"]})
+    again = client.get(f"/files/{relative}", headers={"If-None-Match": crop.headers["etag"]})
     assert again.status_code == 304
     assert client.get("/files/runs/1/crops/99999.png").status_code == 404
     assert client.get("/files/runs/../../etc/passwd.png").status_code == 404

@@ -32,3 +32,11 @@ def load_trained(context: JobContext, model_id: int, weights_dir: Path):
             cache.pop(next(iter(cache)))
         cache[model_id] = load_denoiser(weights_dir, device=device_of(context.settings))
     return cache[model_id]
+
+
+def run_view(record):
+    """How a run's images are scored (`data.View`), from its `RunRecord`: the shorter side, whole
+    or the old centre crop, and the model's backend's side multiple (registry.scoring_view)."""
+    from worker.engine.registry import scoring_view
+
+    return scoring_view(record.backend, record.view_size, whole=record.whole_view)

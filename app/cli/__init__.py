@@ -34,11 +34,11 @@ GROUPS = (data, pipeline, export, translate, jobs, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = common_flags()
-    parser = argparse.ArgumentParser(prog="diffmine", parents=[common], description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="diffmine", parents=[common_flags()],
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
-        group.add_parsers(sub, common)
+        group.add_parsers(sub, common_flags(defaults=False))
     return parser
 
 

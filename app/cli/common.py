@@ -209,9 +209,12 @@ def add_queue_flags(parser: argparse.ArgumentParser) -> None:
 SETTING_FLAGS = ("home", "host", "port", "database_url", "device", "token")
 
 
-def common_flags() -> argparse.ArgumentParser:
-    """The parent parser of every command: the data directory, the other settings, --json."""
-    common = argparse.ArgumentParser(add_help=False)
+def common_flags(*, defaults: bool = True) -> argparse.ArgumentParser:
+    """The parent parser of every command: the data directory, the other settings, --json.
+
+    The subcommands' copy has no defaults (`defaults=False`): argparse lets a subparser's default
+    overwrite what the main parser read, so `diffmine --home X ingest ...` would lose X."""
+    common = argparse.ArgumentParser(add_help=False, argument_default=None if defaults else argparse.SUPPRESS)
     common.add_argument("--home", help="data directory (default: $DIFFMINE_HOME or ./diffmine-data)")
     add_setting_flag(common, "database_url", "SQLAlchemy URL (default: $DIFFMINE_DATABASE_URL, "
                                              "else SQLite in the data directory)")

@@ -189,7 +189,8 @@ def add_train_flags(parser: argparse.ArgumentParser, *, seed: bool = True) -> No
                         "(pixel default 32)")
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="resize images so their shorter side is N: training crops are taken from "
-                             "them and scoring sees every pixel at that size (default: the resolution)")
+                             "them and scoring sees every pixel at that size (default: the resolution; "
+                             "stable-diffusion: a multiple of 64, both sides rounded to multiples of 64)")
     parser.add_argument("--view", choices=catalog.VIEWS,
                         help="how scoring sees an image: whole (default: every pixel, any shape) or "
                              "centre-crop (the central square, as models from before image sizes)")
@@ -213,7 +214,8 @@ def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image
     from the training flags)."""
     if image_size:
         parser.add_argument("--image-size", type=int, metavar="N",
-                            help="score images resized to shorter side N (default: the model's image size)")
+                            help="score images resized to shorter side N (default: the model's image size; "
+                                 "stable-diffusion: a multiple of 64)")
     parser.add_argument("--preset", choices=tuple(catalog.TYPICALITY_PRESETS), default="paper",
                         help="paper: 100 draws per image; fast: 24 stratified; adaptive: 12, then the paper's "
                              "100 for the images whose boxes may reach a label's top patches (the per-label "

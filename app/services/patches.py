@@ -11,7 +11,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Cluster, ClusterMember, Label, Patch
+from app.models import Cluster, ClusterMember, Image, Label, Patch
+from app.run_files import crop_path
 from app.services.galleries import _PATCH_COLUMNS, patch_json
 from app.services.images import stored_file
 from app.settings import Settings
@@ -105,11 +106,11 @@ def crop_file(settings: Settings, session: Session, *, patch_id: int) -> Path | 
     """The patch's crop: the mining job's file, or (for a run mined before its crops stage)
     cut from the original image once and kept under the same name."""
     row = session.execute(select(Patch.run_id, Patch.crop_path, Patch.x0, Patch.y0, Patch.x1,
-                                 Patch.y1, Patch.image_id)
-                          .where(Patch.id == patch_id)).first()
+                                 Patch.y1, Patch.image_id, Image.sha256)
+                          .join(Image, Image.id == Patch.image_id).where(Patch.id == patch_id)).first()
     if row is None:
         return None
-    relative = row.crop_path or f"runs/{row.run_id}/crops/{patch_id}.png"
+    relative = row.crop_path or crop_path(row.run_id, row.sha256, (row.x0, row.y0, row.x1, row.y1))
     target = settings.home_dir / relative
     if target.is_file():
         return target

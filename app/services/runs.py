@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.jobs import enqueue, lock_queue, pending_job
 from app.models import Cluster, Dataset, Image, ImageLabel, Job, Label, LabelSet, MiningRun, TrainedModel
-from app.params import MineOptions, RunParams, TrainConfig
+from app.params import MineOptions, RunParams, TrainConfig, check_side_multiple
 from app.settings import Settings
 
 
@@ -50,6 +50,8 @@ def create_model(session: Session, settings: Settings, *, dataset: Dataset, labe
 
 
 def create_run(session: Session, *, model: TrainedModel, params: RunParams) -> MiningRun:
+    if params.image_size is not None:
+        check_side_multiple(model.backend, params.image_size, "image size")
     run = MiningRun(model_id=model.id, preset=params.preset, params=params.given(), status="queued")
     session.add(run)
     session.flush()
@@ -263,6 +265,8 @@ class RunRecord:
     params: RunParams
     stages_done: frozenset[str]
     model_id: int
+    #: the model's backend ("pixel", "stable-diffusion"): how its whole views are sized
+    backend: str
     config: TrainConfig
     weights: Path
     label_set_id: int
@@ -293,6 +297,7 @@ def load_run(session: Session, settings: Settings, run_id: int) -> RunRecord:
     label_set = session.get(LabelSet, model.label_set_id)
     return RunRecord(run_id=run.id, params=RunParams.model_validate(run.params),
                      stages_done=frozenset(run.stages_done or []), model_id=model.id,
+                     backend=model.backend,
                      config=TrainConfig.model_validate(model.config),
                      weights=settings.home_dir / model.weights_dir, label_set_id=label_set.id,
                      labels=tuple((label.id, label.name) for label in labels_of(session, label_set.id)),

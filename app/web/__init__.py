@@ -19,7 +19,7 @@ from app.web.files import ImmutableFiles
 from app.web.json_twin import JsonTwinMiddleware
 from app.web.page_cache import PageCache
 from app.web.security import LoginGuard, SecurityMiddleware
-from app.web.views import auth, clusters, datasets, images, jobs, parallel, patches, runs, uploads
+from app.web.views import auth, clusters, datasets, images, jobs, parallel, patch_map, patches, runs, uploads
 
 DESCRIPTION = """Mine what is visually typical of each label of an image dataset.
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/files", ImmutableFiles(directory=settings.home_dir,
                                        allowed=("images", "thumbs", "runs", "models")),
               name="files")
-    for module in (datasets, uploads, jobs, runs, clusters, parallel, images, patches, auth):
+    for module in (datasets, uploads, jobs, runs, patch_map, clusters, parallel, images, patches, auth):
         app.include_router(module.router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(IntegrityError, conflict)

@@ -225,23 +225,25 @@ def test_box_to_original_finds_the_region_through_the_real_pipeline(original):
 
 
 @pytest.mark.parametrize("original", [(90, 60), (60, 90), (301, 97)])
-def test_the_whole_view_maps_a_region_at_the_edge_back(original):
+@pytest.mark.parametrize("size, multiple", [(32, 1), (64, 64)])  # pixel models; Stable Diffusion
+def test_the_whole_view_maps_a_region_at_the_edge_back(original, size, multiple):
     """The whole view (no crop): a rectangle at the right edge, which the centre crop would cut
-    away, is found in the model image and maps back onto itself."""
+    away, is found in the model image and maps back onto itself, also where the sides were
+    rounded to 64 px (301 x 97 at 64 px is 199 x 64 exactly, 192 x 64 rounded)."""
     width, height = original
-    size = 32
     pixels = np.zeros((height, width, 3), dtype=np.uint8)
     x0, y0, x1, y1 = width - width // 6, height // 3, width, height // 2
     pixels[y0:y1, x0:x1] = 255
-    view = data.View(size=size)
+    view = data.View(size=size, multiple=multiple)
     model = view.load_pil(Image.fromarray(pixels))
     assert model.shape[1:] == view.shape_of(original)
+    assert model.shape[1] % multiple == 0 and model.shape[2] % multiple == 0
     rows, cols = np.nonzero(model[0].numpy() > 0)
     found = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
-    mapped = box_to_original(found, size, original, whole=True)
+    mapped = box_to_original(found, size, original, whole=True, multiple=multiple)
     scale = min(width, height) / size
     assert np.allclose(mapped, (x0, y0, x1, y1), atol=1.5 * scale)
-    assert np.allclose(box_to_model(mapped, size, original, whole=True), found)
+    assert np.allclose(box_to_model(mapped, size, original, whole=True, multiple=multiple), found)
 
 
 def test_box_to_model_inverts_box_to_original():
@@ -257,15 +259,21 @@ def test_box_to_original_of_the_whole_model_image_is_the_center_crop():
     assert (x0, y0, x1, y1) == pytest.approx((16.0, 0.0, 80.0, 64.0))
 
 
-@pytest.mark.parametrize("original", [(28, 28), (72, 72), (100, 60), (33, 500)])
-def test_model_top_left_recovers_the_grid_position_of_a_stored_box(original):
+@pytest.mark.parametrize("original, size, whole, multiple", [
+    *[(original, 32, False, 1) for original in [(28, 28), (72, 72), (100, 60), (33, 500)]],
+    # Stable Diffusion's whole view, sides rounded to 64 px (originals at least the view's size:
+    # far smaller ones map several model boxes onto one stored box)
+    *[(original, 64, True, 64) for original in [(72, 72), (100, 66), (301, 97), (70, 500)]]])
+def test_model_top_left_recovers_the_grid_position_of_a_stored_box(original, size, whole, multiple):
     import math
 
     from worker.engine.patches import box_to_original, model_top_left
 
-    size, k = 32, 6
-    for x in range(0, size - k + 1, 3):
-        for y in range(0, size - k + 1, 5):
-            x0, y0, x1, y1 = box_to_original((x, y, x + k, y + k), size, original)
+    k = 6
+    height, width = data.View(size, whole=whole, multiple=multiple).shape_of(original)
+    for x in range(0, width - k + 1, 3):
+        for y in range(0, height - k + 1, 5):
+            x0, y0, x1, y1 = box_to_original((x, y, x + k, y + k), size, original, whole=whole, multiple=multiple)
             stored = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
-            assert model_top_left(stored, size, original, k) == (x, y), (x, y, stored)
+            assert model_top_left(stored, size, original, k, whole=whole, multiple=multiple) == (x, y), \
+                (x, y, stored)

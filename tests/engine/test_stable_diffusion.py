@@ -502,3 +502,75 @@ def test_real_weights(tmp_path):
     assert F.mse_loss(eps_c.float(), noise.float()).item() < 0.9
     m.save(tmp_path / "model")
     assert StableDiffusionDenoiser.load(tmp_path / "model", device=device, dtype=dtype).labels == ["cat", "dog"]
+
+
+# --- whole images of any aspect ratio (issue 13, item 5) ------------------------------------------
+def wide_file(tmp_path, size=(150, 75), name="wide.png", seed=0):
+    """A random RGB file of `size` (W, H)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path = tmp_path / name
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_whole_views_round_both_sides_to_64_px(model, tmp_path):
+    from worker.engine.registry import SIDE_MULTIPLES, scoring_view
+
+    assert model.side_multiple == SIDE_MULTIPLES["stable-diffusion"] == 64  # VAE 8x, UNet 8x
+    view = scoring_view("stable-diffusion", S)
+    # (W, H) -> (H, W): the shorter side is N, the longer the nearest multiple of 64
+    for original, shape in [((150, 75), (64, 128)), ((100, 64), (64, 128)), ((90, 64), (64, 64)),
+                            ((64, 150), (128, 64)), ((301, 97), (64, 192))]:
+        assert view.shape_of(original) == shape, original
+        loaded = view.load(wide_file(tmp_path, original))
+        assert loaded.shape == (3, *shape)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        scoring_view("stable-diffusion", 100)
+    assert scoring_view("pixel", 30).shape_of((61, 30)) == (30, 61)  # pixel models: no rounding
+    # the old centre square is kept as it was
+    assert scoring_view("stable-diffusion", S, whole=False).shape_of((150, 75)) == (S, S)
+
+
+def test_a_non_square_image_gets_a_full_width_latent_map_and_dift_grid(model, tmp_path):
+    from worker.engine.data import load_view_groups, multi_hot
+    from worker.engine.dift import dift_feature_map, patch_features
+    from worker.engine.presets import FAST
+    from worker.engine.registry import scoring_view
+    from worker.engine.typicality import label_scores, typicality
+
+    [(indices, wide)] = load_view_groups([wide_file(tmp_path)], scoring_view("stable-diffusion", S))
+    assert wide.shape == (1, 3, 64, 128)
+    preset = FAST.with_(draws=4)
+    result = typicality(model, wide, multi_hot([0], len(LABELS)), preset, seed=0)
+    assert result.maps.shape == (1, 8, 16)  # latents at N/8 over the whole width
+    assert torch.allclose(result.scores, result.maps.mean(dim=(1, 2)), atol=1e-6)
+    assert label_scores(model, wide, preset, seed=0, maps=True).maps.shape == (1, len(LABELS), 8, 16)
+    # DIFT over the whole image: up_blocks.1 at 1/16 of both sides, a box at the right edge reads
+    # the right edge's cells
+    conditions = multi_hot([0], len(LABELS))
+    grid = dift_feature_map(model, wide, conditions, draws=2)
+    assert grid.shape[-2:] == (4, 8)
+    right, left = patch_features(model, wide, conditions, [[(112, 0, 128, 16), (0, 0, 16, 16)]], draws=2)[0]
+    assert torch.allclose(right, F.normalize(grid[0, :, 0, 7], dim=0), atol=1e-5)
+    assert torch.allclose(left, F.normalize(grid[0, :, 0, 0], dim=0), atol=1e-5)
+
+
+def test_images_of_one_rounded_shape_share_a_batch(model, tmp_path):
+    """Rounding to 64 px puts photos of nearby aspect ratios in one batch (load_view_groups,
+    the pixel path's grouping), and a wider batch sends proportionally fewer rows per forward
+    call, so a call's memory stays that of the native 512 px square."""
+    from worker.engine.data import load_view_groups
+    from worker.engine.presets import FAST
+    from worker.engine.registry import scoring_view
+    from worker.engine.typicality import _rows_per_call
+
+    paths = [wide_file(tmp_path, size, f"{i}.png") for i, size in enumerate([(128, 64), (64, 64), (100, 64)])]
+    groups = load_view_groups(paths, scoring_view("stable-diffusion", S))
+    assert [(indices, tuple(images.shape)) for indices, images in groups] == \
+        [([0, 2], (2, 3, 64, 128)), ([1], (1, 3, 64, 64))]
+    assert model.unet.config.sample_size == 8  # the tiny UNet's native latents (SD 1.5: 64)
+    assert _rows_per_call(model, FAST, (8, 8)) == FAST.forward_batch
+    assert _rows_per_call(model, FAST, (8, 16)) == FAST.forward_batch // 2

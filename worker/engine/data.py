@@ -6,7 +6,8 @@ resized so the shorter side is N (`image_size`, R unless given), then cropped to
 crop for training, the center crop for the legacy square view.
 
 Scoring sees the whole image (`View(size=N, whole=True)`): shorter side N, every pixel kept,
-whatever the aspect ratio; models from before image sizes existed score the centre crop
+whatever the aspect ratio (for Stable Diffusion both sides rounded to multiples of 64 px,
+`resized_size`); models from before image sizes existed score the centre crop
 (`View(size=R, whole=False)`), as they always did.
 
 Random crops are reproducible: index the dataset with `(index, crop_seed)` and the crop is a
@@ -49,11 +50,30 @@ def load_rgb(path: str | Path) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
+def resized_size(original_size: Sequence[int], size: int, multiple: int = 1) -> tuple[int, int]:
+    """(W', H') of an original (W, H) image resized so that its shorter side is `size`.
+
+    The longer side is the nearest whole multiple of `multiple` px to its exact scaled length (at
+    least `size`; `size` itself must be a multiple; Python's `round`, so a tie goes to the even
+    multiple, as the pixel path always rounded). Stable Diffusion takes `multiple` = 64: its
+    VAE works at 1/8 and its UNet halves the latents three times, so both sides must divide by 64.
+    Rounding to the nearest multiple, rather than padding, keeps every latent cell on real image
+    (padding would add up to 56 px of invented border) for an aspect error of at most 32 px on the
+    longer side; and photos of nearby aspect ratios land on one shape, which keeps batches full
+    (`load_view_groups`). The per-axis scales W'/W and H'/H carry the rounding, so boxes map back
+    exactly (`patches.box_to_original`).
+    """
+    if multiple < 1 or size % multiple:
+        raise ValueError(f"image size {size} is not a multiple of {multiple} px")
+    width, height = original_size
     scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-    return image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return (max(size, round(width * scale / multiple) * multiple),
+            max(size, round(height * scale / multiple) * multiple))
+
+
+def resize_shorter_side(image: Image.Image, size: int, multiple: int = 1) -> Image.Image:
+    """The image resized to `resized_size(image.size, size, multiple)`."""
+    return image.resize(resized_size(image.size, size, multiple), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -75,26 +95,39 @@ def pad_to_multiple(latents: torch.Tensor, multiple: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class View:
     """How the model sees an image: shorter side resized to `size`, then the whole image, or
-    (`whole=False`, the old square view) its centre `size` x `size` crop."""
+    (`whole=False`, the old square view) its centre `size` x `size` crop.
+
+    `multiple`: the whole image's sides are rounded to multiples of it (`resized_size`; 64 for
+    Stable Diffusion, 1 for pixel models, which pad instead). The centre crop ignores it: that
+    view is kept exactly as models from before image sizes were scored."""
 
     size: int
     whole: bool = True
+    multiple: int = 1
+
+    def __post_init__(self):
+        if self.whole:
+            resized_size((self.size, self.size), self.size, self.multiple)  # refuses a size off the multiple
+
+    @property
+    def side_multiple(self) -> int:
+        """The multiple the view's sides are rounded to (1 for the centre crop)."""
+        return self.multiple if self.whole else 1
 
     def load(self, path: str | Path) -> torch.Tensor:
         """[3, H, W] in [-1, 1]: H, W >= size, the shorter one == size."""
         return self.load_pil(load_rgb(path))
 
     def load_pil(self, image: Image.Image) -> torch.Tensor:
-        image = resize_shorter_side(image.convert("RGB"), self.size)
+        image = resize_shorter_side(image.convert("RGB"), self.size, self.side_multiple)
         return to_tensor(image if self.whole else ImageDataset.centre_crop(image, self.size))
 
     def shape_of(self, original_size: Sequence[int]) -> tuple[int, int]:
         """(H, W) of the view of an original (W, H) image, without loading it."""
         if not self.whole:
             return self.size, self.size
-        width, height = original_size
-        scale = self.size / min(width, height)
-        return max(self.size, round(height * scale)), max(self.size, round(width * scale))
+        width, height = resized_size(original_size, self.size, self.multiple)
+        return height, width
 
 
 def load_view_groups(paths: Sequence[str | Path], view: View) -> list[tuple[list[int], torch.Tensor]]:

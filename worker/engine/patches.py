@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import resized_size
+
 #: The paper's patch sizes: 50 px boxes for 256 px images (cars, faces), 64 px for 512 px ones.
 PAPER_PATCH_SIZES = {256: 50, 512: 64}
 #: The smallest patch `default_patch_size` returns: smaller boxes hold too little to cluster.
@@ -293,67 +295,78 @@ def _best_per_label(keyed: Iterable[tuple[Hashable, float, float, Any]],
 
 
 # --- model pixels <-> original pixels -----------------------------------------------------------
-def _crop_geometry(model_size: int, original_size: Sequence[int],
-                   whole: bool = False) -> tuple[float, float, int, int]:
+def _crop_geometry(model_size: int, original_size: Sequence[int], whole: bool = False,
+                   multiple: int = 1) -> tuple[float, float, int, int]:
     """Per-axis scale and crop offset of "resize shorter side to R" and, unless `whole`,
     "center-crop R x R" (`data.View`).
 
-    Mirrors `data.resize_shorter_side` + the centre crop: resized size is
-    (max(R, round(W * s)), max(R, round(H * s))) with s = R / min(W, H), crop offset
-    ((W' - R) // 2, (H' - R) // 2), or none for the whole image. The per-axis scales W'/W and
-    H'/H absorb the rounding.
+    The resized size is `data.resized_size`, the very function that resizes the pixels (for a
+    whole view with its sides rounded to `multiple`), so the per-axis scales W'/W and H'/H
+    absorb every rounding; the crop offset is ((W' - R) // 2, (H' - R) // 2), or none for the
+    whole image. The centre crop ignores `multiple`, as `data.View` does.
     """
     width, height = original_size
     if width <= 0 or height <= 0 or model_size <= 0:
         raise ValueError(f"sizes must be positive, got original {original_size}, model {model_size}")
-    scale = model_size / min(width, height)
-    resized_w = max(model_size, round(width * scale))
-    resized_h = max(model_size, round(height * scale))
+    resized_w, resized_h = resized_size(original_size, model_size, multiple if whole else 1)
     if whole:
         return resized_w / width, resized_h / height, 0, 0
     return resized_w / width, resized_h / height, (resized_w - model_size) // 2, (resized_h - model_size) // 2
 
 
 def box_to_original(box: Sequence[float], model_size: int, original_size: Sequence[int], *,
-                    whole: bool = False) -> tuple[float, ...]:
+                    whole: bool = False, multiple: int = 1) -> tuple[float, ...]:
     """Model-resolution box -> the same region in the original image's pixels (floats).
 
-    Assumes the scored image was made the way `data.ImageDataset(train=False)` makes it: the
-    original (W, H) = `original_size` resized so its shorter side is `model_size`, then
-    center-cropped to model_size x model_size, or kept whole (`whole`, `data.View(whole=True)`).
-    A fifth element (the score) passes through unchanged. Round outward (floor x0/y0, ceil
-    x1/y1) to crop pixels. Inverse: `box_to_model`.
+    Assumes the scored image was made the way `data.View(model_size, whole, multiple)` makes it:
+    the original (W, H) = `original_size` resized so its shorter side is `model_size`, then
+    center-cropped to model_size x model_size, or kept whole (`whole`, its sides rounded to
+    `multiple`). A fifth element (the score) passes through unchanged. Round outward (floor
+    x0/y0, ceil x1/y1) to crop pixels. Inverse: `box_to_model`.
     """
-    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size, whole)
+    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size, whole, multiple)
     x0, y0, x1, y1, *rest = box
     return ((x0 + left) / scale_x, (y0 + top) / scale_y, (x1 + left) / scale_x, (y1 + top) / scale_y, *rest)
 
 
 def box_to_model(box: Sequence[float], model_size: int, original_size: Sequence[int], *,
-                 whole: bool = False) -> tuple[float, ...]:
+                 whole: bool = False, multiple: int = 1) -> tuple[float, ...]:
     """The inverse of `box_to_original`: original-image pixels -> model-resolution pixels.
 
     Regions outside the center crop map outside [0, model_size); they are not clipped.
     """
-    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size, whole)
+    scale_x, scale_y, left, top = _crop_geometry(model_size, original_size, whole, multiple)
     x0, y0, x1, y1, *rest = box
     return (x0 * scale_x - left, y0 * scale_y - top, x1 * scale_x - left, y1 * scale_y - top, *rest)
 
 
 def model_top_left(stored_box: Sequence[int], model_size: int, original_size: Sequence[int],
-                   patch_size: int, *, whole: bool = False) -> tuple[int, int]:
+                   patch_size: int, *, whole: bool = False,
+                   multiple: int = 1) -> tuple[int, int]:
     """The k x k box's top-left on the model grid from its stored (outward-rounded) original box.
 
     Rounding outward loses up to an original pixel, more than half a model pixel when the
     original is smaller than the model's view, so `round(box_to_model(...))` can land one off;
     the neighbour whose own outward rounding reproduces the stored box is the one.
     """
-    x, y = box_to_model(stored_box[:4], model_size, original_size, whole=whole)[:2]
+    x, y = box_to_model(stored_box[:4], model_size, original_size, whole=whole, multiple=multiple)[:2]
     for dy in (0, 1, -1):
         for dx in (0, 1, -1):
             top_left = (round(x) + dx, round(y) + dy)
             x0, y0, x1, y1 = box_to_original((*top_left, top_left[0] + patch_size, top_left[1] + patch_size),
-                                             model_size, original_size, whole=whole)
+                                             model_size, original_size, whole=whole, multiple=multiple)
             if (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)) == tuple(stored_box[:4]):
                 return top_left
     return round(x), round(y)
+
+
+def scores_at_boxes(maps: torch.Tensor, boxes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]],
+                    *, view_size: int, patch_size: int, whole: bool = False, multiple: int = 1) -> torch.Tensor:
+    """The k x k pooled score of each stored (original-pixel) box under every map:
+    maps [L, h, w] of one image -> [len(boxes), L]."""
+    grid = patch_scores(maps, image_shape_of(maps.shape[-2:], view_size), patch_size)  # [L, Hs, Ws]
+    cells = []
+    for box, size in zip(boxes, original_sizes):
+        x, y = model_top_left(box, view_size, size, patch_size, whole=whole, multiple=multiple)
+        cells.append(grid[:, min(max(y, 0), grid.shape[1] - 1), min(max(x, 0), grid.shape[2] - 1)])
+    return torch.stack(cells) if cells else grid.new_zeros(0, len(maps))

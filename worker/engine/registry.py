@@ -6,10 +6,16 @@ from pathlib import Path
 
 import torch
 
+from .data import View
 from .denoiser import ConditionalDenoiser
 from .pixel import CONFIG_NAME, PixelDenoiser
 
 BACKENDS = ("pixel", "stable-diffusion")
+#: A whole view rounds both sides of an image to a multiple of this (data.resized_size). Stable
+#: Diffusion 1.x/2.x: the VAE encodes at 1/8 and the UNet halves the latents three times, 8 x 8 =
+#: 64 px (`StableDiffusionDenoiser.side_multiple`). Pixel models take any size: scoring pads to
+#: their UNet's multiple by reflection and cuts the padding out again (typicality.py).
+SIDE_MULTIPLES = {"pixel": 1, "stable-diffusion": 64}
 
 
 def read_model_config(folder: str | Path) -> dict:
@@ -30,6 +36,13 @@ def load_denoiser(folder: str | Path, device: str | torch.device = "cpu") -> Con
         from .stable_diffusion import StableDiffusionDenoiser
         return StableDiffusionDenoiser.load(folder, device)
     raise ValueError(f"{folder}: unknown backend {backend!r}; known: {BACKENDS}")
+
+
+def scoring_view(backend: str, size: int, whole: bool = True) -> View:
+    """How a `backend` model scores an image at shorter side `size`: whole or the centre crop."""
+    if backend not in SIDE_MULTIPLES:
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+    return View(size, whole=whole, multiple=SIDE_MULTIPLES[backend])
 
 
 def create_pixel_denoiser(labels: list[str], resolution: int = 32, seed: int = 0,

@@ -401,6 +401,12 @@ class StableDiffusionDenoiser(ConditionalDenoiser):
     def device(self) -> torch.device:
         return next(self._unet.parameters()).device
 
+    @property
+    def side_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels: the VAE's factor times the UNet's
+        (64 for SD 1.x/2.x; registry.SIDE_MULTIPLES, which whole views round to)."""
+        return self.vae_scale_factor * self.spatial_multiple
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()

@@ -243,13 +243,18 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
 
 
 def _rows_per_call(denoiser: ConditionalDenoiser, preset: TypicalityPreset, shape) -> int:
-    """`preset.forward_batch` counts rows at a pixel model's training size; larger inputs get
-    proportionally fewer rows per call, so a forward call's memory stays about the same."""
-    trained = getattr(denoiser, "resolution", None)  # pixel models: the side of their crops
-    pixels = shape[0] * shape[1]
-    if not trained or pixels <= trained * trained:
+    """`preset.forward_batch` counts rows at the UNet's native size (a pixel model's training
+    crops; Stable Diffusion's 64 x 64 latents of 512 px); larger inputs (whole images of other
+    aspect ratios) get proportionally fewer rows per call, so a forward call's memory stays
+    about the same."""
+    native = getattr(denoiser.unet.config, "sample_size", None)
+    if not native:
         return preset.forward_batch
-    return max(1, preset.forward_batch * trained * trained // pixels)
+    native_area = native[0] * native[1] if isinstance(native, (list, tuple)) else native * native
+    area = shape[0] * shape[1]
+    if area <= native_area:
+        return preset.forward_batch
+    return max(1, preset.forward_batch * native_area // area)
 
 
 def _masked_mean_and_stderr(differences: torch.Tensor, used: torch.Tensor,

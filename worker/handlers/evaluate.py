@@ -56,9 +56,9 @@ def run_evaluate(context: JobContext) -> dict:
     denoiser = load_trained(context, record.model_id, record.weights)
     result = holdout_accuracy(context, denoiser, label_set_id=record.label_set_id, draws=job.draws,
                               max_images=job.max_images, seed=record.params.seed)
-    from worker.engine.data import View
+    from worker.models import run_view
 
-    view = View(record.view_size, whole=record.whole_view)
+    view = run_view(record)
     result.update(box_metrics(context, run_id, record.label_set_id, view))
     result.update(mark_overlap(context, run_id))
     with session_scope(context.settings) as session:
@@ -100,7 +100,7 @@ def box_metrics(context: JobContext, run_id: int, label_set_id: int, view) -> di
         mask = np.zeros_like(heat, dtype=bool)
         for box in boxes:
             x0, y0, x1, y1 = (int(round(v)) for v in box_to_model(box[:4], view.size, (width, height),
-                                                                  whole=view.whole))
+                                                                  whole=view.whole, multiple=view.multiple))
             mask[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = True
         truths.append(mask.ravel())
         scores.append(heat.ravel())

@@ -20,11 +20,13 @@ from sqlalchemy import delete, func, insert, select, update
 
 from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
+from app.run_files import crop_path
 from app.services.runs import load_run
 from worker.context import JobContext
-from worker.models import load_trained
+from worker.handlers.run_views import mine_label_scores, mine_map
+from worker.models import load_trained, run_view
 
-STAGES = ("patches", "features", "clusters", "crops", "trends")
+STAGES = ("patches", "features", "clusters", "crops", "trends", "label_scores", "map")
 FEATURE_BATCH = 16
 CROP_PX = 96
 
@@ -33,7 +35,6 @@ class RunInfo:
     """What every stage needs to know about the run, read once."""
 
     def __init__(self, context: JobContext, run_id: int):
-        from worker.engine.data import View
         from worker.engine.patches import default_patch_size
 
         with session_scope(context.settings) as session:
@@ -44,7 +45,7 @@ class RunInfo:
         self.stages_done = set(record.stages_done)
         self.model_id, self.weights = record.model_id, record.weights
         # How the score job saw each image (docs/method.md): its shorter side, whole or cropped.
-        self.view = View(record.view_size, whole=record.whole_view)
+        self.view = run_view(record)
         self.dir = context.settings.runs_dir / str(run_id)
         self.patch_size = mine.patch_size or default_patch_size(self.view.size)
         self.per_label, self.per_image, self.clusters = mine.per_label, mine.per_image, mine.clusters
@@ -59,9 +60,11 @@ def run_mine(context: JobContext) -> dict:
     if "score" not in info.stages_done:
         raise ValueError(f"run {info.run_id} is not scored yet; run: diffmine score")
     stage_functions = {"patches": mine_patches, "features": mine_features,
-                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends}
+                       "clusters": mine_clusters, "crops": mine_crops, "trends": mine_trends,
+                       "label_scores": mine_label_scores, "map": mine_map}
+    skipped = {"trends": not info.ordinal, "label_scores": not info.params.all_labels}
     for stage in STAGES:
-        if stage in info.stages_done or (stage == "trends" and not info.ordinal):
+        if stage in info.stages_done or skipped.get(stage):
             continue
         set_run_status(context, info.run_id, "mining")
         stage_functions[stage](context, info)
@@ -142,7 +145,8 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
         rows = []
         for label_id, kept in best.items():
             for score, (image_id, box) in kept:
-                x0, y0, x1, y1 = P.box_to_original(box, info.view.size, sizes[image_id], whole=info.view.whole)
+                x0, y0, x1, y1 = P.box_to_original(box, info.view.size, sizes[image_id], whole=info.view.whole,
+                                                    multiple=info.view.multiple)
                 rows.append(dict(run_id=info.run_id, image_id=image_id, label_id=label_id,
                                  x0=math.floor(x0), y0=math.floor(y0), x1=math.ceil(x1),
                                  y1=math.ceil(y1), score=score))
@@ -210,7 +214,8 @@ def feature_parts(context, info: RunInfo) -> list[tuple[Path, FeaturePart]]:
         parts.append((parts_dir / f"part-{start:09d}.npz", FeaturePart(
             paths=[images[image_id][0] for image_id, _, _ in batch],
             label_indices=[label_index[label_id] for _, label_id, _ in batch],
-            boxes=[[clip_box(box_to_model(box, info.view.size, images[image_id][1], whole=info.view.whole),
+            boxes=[[clip_box(box_to_model(box, info.view.size, images[image_id][1], whole=info.view.whole,
+                                           multiple=info.view.multiple),
                              info.view.shape_of(images[image_id][1])) for _, box in members]
                    for image_id, _, members in batch],
             patch_ids=[[patch_id for patch_id, _ in members] for _, _, members in batch])))
@@ -406,17 +411,17 @@ def mine_crops(context: JobContext, info: RunInfo) -> None:
     crops_dir.mkdir(parents=True, exist_ok=True)
     with session_scope(context.settings) as session:
         rows = session.execute(select(Patch.id, Patch.x0, Patch.y0, Patch.x1, Patch.y1,
-                                      Image.stored_path).join(Image, Image.id == Patch.image_id)
+                                      Image.stored_path, Image.sha256).join(Image, Image.id == Patch.image_id)
                                .where(Patch.run_id == info.run_id).order_by(Patch.image_id)).all()
     updates, current, image = [], None, None
-    for number, (patch_id, x0, y0, x1, y1, stored) in enumerate(rows, 1):
+    for number, (patch_id, x0, y0, x1, y1, stored, sha256) in enumerate(rows, 1):
         if stored != current:
             current = stored
             image = to_rgb(PILImage.open(context.settings.home_dir / stored))
         crop = image.crop((x0, y0, x1, y1))
         if max(crop.size) > CROP_PX:
             crop.thumbnail((CROP_PX, CROP_PX), PILImage.Resampling.LANCZOS)
-        relative = f"runs/{info.run_id}/crops/{patch_id}.png"
+        relative = crop_path(info.run_id, sha256, (x0, y0, x1, y1))
         crop.save(context.settings.home_dir / relative)
         updates.append({"id": patch_id, "crop_path": relative})
         if number % 500 == 0:
@@ -435,7 +440,7 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
     maps as in patch selection, and the median over members stored as `Cluster.trend`."""
 
     from worker.engine.data import load_view_groups
-    from worker.engine.patches import image_shape_of, model_top_left, patch_scores
+    from worker.engine.patches import scores_at_boxes
     from worker.engine.tiles import label_scores_as_trained
     from worker.handlers.score import preset_for
 
@@ -461,13 +466,12 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
         for indices, pixels in load_view_groups(paths, info.view):
             scores = label_scores_as_trained(denoiser, pixels, preset, seed=info.seed, maps=True)
             for members, maps in zip([batch[i] for i in indices], scores.maps):
-                grid = patch_scores(maps, image_shape_of(maps.shape[-2:], info.view.size),
-                                    info.patch_size)  # [L, Hs, Ws]
-                for m in members:
-                    x, y = model_top_left((m.x0, m.y0, m.x1, m.y1), info.view.size, (m.width, m.height),
-                                          info.patch_size, whole=info.view.whole)
-                    x, y = min(max(x, 0), grid.shape[2] - 1), min(max(y, 0), grid.shape[1] - 1)
-                    per_cluster[m.cluster_id].append(grid[:, y, x].numpy())
+                values = scores_at_boxes(maps, [(m.x0, m.y0, m.x1, m.y1) for m in members],
+                                         [(m.width, m.height) for m in members], view_size=info.view.size,
+                                         patch_size=info.patch_size, whole=info.view.whole,
+                                         multiple=info.view.multiple)
+                for m, value in zip(members, values):
+                    per_cluster[m.cluster_id].append(value.numpy())
         context.progress(min(start + FEATURE_BATCH, len(images)), len(images),
                          "typicality of cluster members under every label", stage="trends")
         context.check()

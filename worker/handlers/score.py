@@ -36,6 +36,7 @@ from app.settings import Settings
 from worker.context import JobContext
 from worker.executors import executor
 from worker.handlers.evaluate import denoiser_resolution
+from worker.models import run_view
 from worker.pieces import run_pieces
 
 
@@ -67,9 +68,7 @@ def run_score(context: JobContext) -> dict:
                                .where(ImageLabel.label_id.in_(record.label_ids)))
     maps_dir = settings.runs_dir / str(run_id) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
-    from worker.engine.data import View
-
-    view = View(record.view_size, whole=record.whole_view)
+    view = run_view(record)
     stages = engine_preset(record.params).stages
     passes = 0
 

@@ -62,6 +62,7 @@ def translate_row(context: JobContext, translation_id: int) -> dict:
     import torch
 
     from worker.engine.data import multi_hot
+    from worker.engine.registry import SIDE_MULTIPLES
     from worker.engine.translation import translate
 
     settings = context.settings
@@ -81,7 +82,8 @@ def translate_row(context: JobContext, translation_id: int) -> dict:
     denoiser = load_trained(context, model_id, weights)
     resolution = int(configured or model_resolution(denoiser))
     scored_at = recipe.scoring_size if recipe is not None and recipe.view == "whole" else None
-    view, model_box = model_view(image_path, image_size, box, resolution, options["context"], scored_at=scored_at)
+    view, model_box = model_view(image_path, image_size, box, resolution, options["context"], scored_at=scored_at,
+                                 multiple=SIDE_MULTIPLES[backend])
 
     label_ids = [label_id for label_id, _ in labels]
     own_indices = [i for i, label_id in enumerate(label_ids) if label_id in own]
@@ -146,13 +148,14 @@ def context_window(box, image_size, context: float) -> tuple[int, int, int, int]
 
 
 def model_view(path, image_size, box, resolution: int, context: float | None = None,
-               scored_at: int | None = None):
+               scored_at: int | None = None, multiple: int = 1):
     """The image as the model sees it ([3, R, R] in [-1, 1]) and the box in its pixels.
 
     With `context`: a square window around the box, resized to R. Else, for a model that scores
-    whole images at `scored_at` (N): the R x R window of the image at N centred on the box, so the
-    patch keeps the detail it was found at (the whole image when that is R x R). Else the image
-    resized and center-cropped as for scoring (the box must overlap the crop).
+    whole images at `scored_at` (N, sides rounded to `multiple` as scoring rounds them): the
+    R x R window of the image at N centred on the box, so the patch keeps the detail it was found
+    at (the whole image when that is R x R). Else the image resized and center-cropped as for
+    scoring (the box must overlap the crop).
     """
     from worker.engine.data import load_rgb, resize_shorter_side, to_tensor
     from worker.engine.patches import box_to_model
@@ -161,7 +164,7 @@ def model_view(path, image_size, box, resolution: int, context: float | None = N
     if picture.size != tuple(image_size):
         image_size = picture.size
     if box is not None and context is None and scored_at is not None:
-        return window_at_scoring_size(picture, image_size, box, resolution, scored_at)
+        return window_at_scoring_size(picture, image_size, box, resolution, scored_at, multiple)
     if box is not None and context is not None:
         window = context_window(box, image_size, float(context))
         picture = picture.crop(window)
@@ -180,17 +183,19 @@ def model_view(path, image_size, box, resolution: int, context: float | None = N
     return view, clipped
 
 
-def window_at_scoring_size(picture, image_size, box, resolution: int, size: int):
-    """[3, R, R] window of the picture resized to shorter side `size`, centred on the box as far
-    as the image allows, and the box in the window's pixels."""
-    from worker.engine.data import resize_shorter_side, to_tensor
+def window_at_scoring_size(picture, image_size, box, resolution: int, size: int, multiple: int = 1):
+    """[3, R, R] window of the picture as scoring saw it (shorter side `size`, sides rounded to
+    `multiple`), centred on the box as far as the image allows, and the box in the window's
+    pixels."""
+    from worker.engine.data import View
     from worker.engine.patches import box_to_model
 
-    resized = resize_shorter_side(picture, size)
-    x0, y0, x1, y1 = box_to_model(box[:4], size, image_size, whole=True)[:4]
-    left = min(max(0, round((x0 + x1 - resolution) / 2)), resized.width - resolution)
-    top = min(max(0, round((y0 + y1 - resolution) / 2)), resized.height - resolution)
-    window = to_tensor(resized.crop((left, top, left + resolution, top + resolution)))
+    resized = View(size, multiple=multiple).load_pil(picture)
+    x0, y0, x1, y1 = box_to_model(box[:4], size, image_size, whole=True, multiple=multiple)[:4]
+    height, width = resized.shape[-2:]
+    left = min(max(0, round((x0 + x1 - resolution) / 2)), width - resolution)
+    top = min(max(0, round((y0 + y1 - resolution) / 2)), height - resolution)
+    window = resized[:, top:top + resolution, left:left + resolution]
     clipped = (max(0.0, x0 - left), max(0.0, y0 - top), min(float(resolution), x1 - left),
                min(float(resolution), y1 - top))
     return window, clipped

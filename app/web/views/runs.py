@@ -8,6 +8,7 @@ from markupsafe import Markup
 
 from app.db import session_scope
 from app.ingest import TWEMOJI_CREDIT
+from app.services.contrast import label_contrast
 from app.services.galleries import (
     CLUSTERS_PER_PAGE,
     MEMBERS_INLINE,
@@ -138,9 +139,10 @@ def _gallery(request, session, run_id, label_id, artifacts, offset, per_page, me
     return render(request, "gallery.html", context)
 
 
-@router.get("/runs/{run_id:int}/compare", summary="Two labels' galleries side by side")
-def compare(request: Request, run_id: int, session: SessionDep, a: QueryId = None,
-            b: QueryId = None, artifacts: bool = False):
+@router.get("/runs/{run_id:int}/compare",
+            summary="Two labels' galleries side by side, and each one's patches ranked by T(x|A) - T(x|B)")
+def compare(request: Request, run_id: int, session: SessionDep, settings: SettingsDep,
+            a: QueryId = None, b: QueryId = None, artifacts: bool = False):
     run = load_run(session, run_id)
     labels = labels_of_set(session, label_set_id=run["label_set"]["id"])
     if not labels:
@@ -148,11 +150,13 @@ def compare(request: Request, run_id: int, session: SessionDep, a: QueryId = Non
     a = a if a is not None else labels[0]["id"]
     b = b if b is not None else labels[min(1, len(labels) - 1)]["id"]
     sides = []
-    for label_id in (a, b):
+    for label_id, other in ((a, b), (b, a)):
         label = load_label(session, run, label_id)
         page = clusters_page(session, run_id=run_id, label_id=label_id, show_artifacts=artifacts,
                              members=MEMBERS_INLINE)
-        sides.append({"label": label, **page,
+        contrast = label_contrast(session, settings.runs_dir / str(run_id), run=run,
+                                  label_id=label_id, against=other)
+        sides.append({"label": label, **page, "contrast": contrast,
                       "more_url": f"/runs/{run_id}/labels/{label_id}?offset={page['next_offset']}"
                                   f"&per_page={CLUSTERS_PER_PAGE}&members={MEMBERS_INLINE}"
                                   f"{_page_args(artifacts)}"})
