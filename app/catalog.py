@@ -24,6 +24,7 @@ JOB_KINDS = tuple(JOB_HANDLERS)
 TYPICALITY_PRESETS = {
     "paper": "paper: the reference recipe (100 draws)",
     "fast": "fast: fewer draws, a quick look",
+    "adaptive": "adaptive: the paper's 100 draws for images that can be mined, a few for the rest",
 }
 
 #: translation presets: name -> what the CLI says of it

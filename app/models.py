@@ -133,6 +133,9 @@ class ImageScore(Base):
     # Mean denoising loss under this label (the diffusion classifier takes the argmin).
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     map_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The draws the map and score were computed with (adaptive runs give rows different numbers;
+    # NULL: a row from before migration 0004).
+    draws: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Patch(Base):

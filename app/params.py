@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app import catalog
 
-Preset = Literal["paper", "fast"]
+Preset = Literal["paper", "fast", "adaptive"]
 Backend = Literal["pixel", "stable-diffusion"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Selection = Literal["typical", "least", "random"]
@@ -165,7 +165,7 @@ class RunParams(Params):
     """A mining run's recipe (`MiningRun.params`)."""
 
     preset: Preset = "paper"
-    #: None: the preset's draws (the paper: 100)
+    #: None: the preset's draws (the paper: 100; adaptive: 100 for the rows that can be mined)
     draws: int | None = Field(None, ge=2)
     #: also score every image under every label (maps for any label, the diffusion classifier)
     all_labels: bool = False

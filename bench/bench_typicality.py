@@ -10,7 +10,9 @@ What it does, in order, all in one process so the ratios are comparable on a sha
    formats: achieved FLOP/s and the share of the peak.
 3. Typicality of held-out images under their own label with the paper preset (seed 0, the
    reference), the paper preset under seed 1 (the bar: how well the reference agrees with
-   itself) and faster options. For each: images/s and speed-up over the paper preset, Spearman
+   itself) and faster options, each from its own random stream (worker/engine/streams.py: a
+   preset at the same seed shares no noise with the paper's, so every comparison is between
+   independent draws). For each: images/s and speed-up over the paper preset, Spearman
    rho of the image ranking vs the reference, the share of images whose top k x k patch (the
    argmax of the average-pooled map, k = 50/256 of the image side as in docs/method.md) is the same,
    and the mean reported standard error.
@@ -33,7 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from agreement import spearman, top_patches  # noqa: E402,F401 (gpu_fast_options imports them from here)
 
 from worker.engine.presets import FAST, PAPER, TypicalityPreset  # noqa: E402
 from worker.engine.registry import create_pixel_denoiser, load_denoiser  # noqa: E402
@@ -131,17 +135,6 @@ def forward_sweep(model, per_image: float, rounds: int = 3) -> list[dict]:
             rates[(batch, channels_last)] = max(rates[(batch, channels_last)], rate)
     return [{"batch": batch, "channels_last": channels_last, "images_per_s": rate, "gflops": rate * per_image / 1e9}
             for (batch, channels_last), rate in rates.items()]
-
-
-# --- agreement -----------------------------------------------------------------------------------
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ranks_a, ranks_b = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ranks_a, ranks_b]))[0, 1])
-
-
-def top_patches(maps: torch.Tensor, patch: int) -> torch.Tensor:
-    """Flat index of each map's best patch: k x k average pool, stride 1, no padding (docs/method.md section 3)."""
-    return F.avg_pool2d(maps[:, None], patch, stride=1).flatten(1).argmax(dim=1)
 
 
 def score(model, images, conditions, preset: TypicalityPreset, seed: int, batch: int) -> dict:

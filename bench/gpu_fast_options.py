@@ -12,6 +12,10 @@ Two parts (`--parts sd,cli`), each writing DIR/<part>.json as soon as it ends:
   fp16 autocast, and the fast preset (24 stratified draws) in fp16. For each: images/s, speed-up,
   Spearman rho of the image ranking and the share of images whose top patch (docs/method.md section 3)
   is the reference's.
+  Each preset draws from its own random stream (worker/engine/streams.py), so `fast` at seed 0
+  shares no noise with `paper` at seed 0; the fp16 rows share the fp32 reference's draws on
+  purpose: they measure what the precision alone changes. (Before session 5, `fast` repeated
+  about half of the paper's eps at the same seed, which flattered its agreement.)
 * cli: the real `diffmine` command line in subprocesses on builtin animals, device auto (CUDA):
   ingest, train, score (paper fp32 seeds 0 and 1, paper fp16, fast fp16), mine, translate a
   patch, and a training through `accelerate launch`; wall seconds per command and the same

@@ -20,6 +20,7 @@ def test_image_page_scores_every_label_and_names_the_classifiers_pick(client):
     assert data["run"]["id"] == 1 and len(data["scores"]) == 10
     losses = {s["label_id"]: s["loss"] for s in data["scores"]}
     assert data["predicted"] == min(losses, key=losses.get)
+    assert {s["draws"] for s in data["scores"]} == {4}  # the draws each score's map had (the fixture's)
     own = data["image"]["labels"][0]["id"]
     assert data["label"]["id"] == own  # the page opens on the image's own label's map
     html = client.get("/images/1").text

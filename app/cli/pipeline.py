@@ -217,7 +217,10 @@ def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image
         parser.add_argument("--image-size", type=int, metavar="N",
                             help="score images resized to shorter side N (default: the model's image size; "
                                  "stable-diffusion: a multiple of 64)")
-    parser.add_argument("--preset", choices=tuple(catalog.TYPICALITY_PRESETS), default="paper")
+    parser.add_argument("--preset", choices=tuple(catalog.TYPICALITY_PRESETS), default="paper",
+                        help="paper: 100 draws per image; fast: 24 stratified; adaptive: 12, then the paper's "
+                             "100 for the images whose boxes may reach a label's top patches (the per-label "
+                             "count the run is mined with: `run --per-label`, else 1000)")
     parser.add_argument("--draws", type=int, help="override the preset's number of draws")
     parser.add_argument("--precision", choices=catalog.PRECISIONS, default="fp32",
                         help="denoiser autocast while scoring; fp16 is for GPUs (Stable Diffusion on an "

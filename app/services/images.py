@@ -77,12 +77,13 @@ def image_scores(session: Session, *, run_id: int, image_id: int) -> dict:
     classifier's answer is the label with the lowest loss."""
     rows = session.execute(
         select(ImageScore.label_id, Label.name, ImageScore.typicality, ImageScore.std_error,
-               ImageScore.loss, ImageScore.map_path)
+               ImageScore.loss, ImageScore.map_path, ImageScore.draws)
         .join(Label, Label.id == ImageScore.label_id)
         .where(ImageScore.run_id == run_id, ImageScore.image_id == image_id)
         .order_by(Label.position)).all()
     scores = [{"label_id": r.label_id, "label": r.name, "typicality": r.typicality,
-               "std_error": r.std_error, "loss": r.loss, "has_map": r.map_path is not None}
+               "std_error": r.std_error, "loss": r.loss, "draws": r.draws,
+               "has_map": r.map_path is not None}
               for r in rows]
     with_loss = [s for s in scores if s["loss"] is not None]
     predicted = min(with_loss, key=lambda s: s["loss"])["label_id"] if with_loss else None

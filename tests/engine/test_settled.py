@@ -146,13 +146,16 @@ def test_coherence_on_centred_features_separates_what_raw_features_do_not():
 
 
 def test_fresh_iid_draws_stand_in_for_the_papers_hundred():
-    from worker.engine.presets import FAST
+    from worker.engine.presets import ADAPTIVE, FAST
     from worker.engine.settled import SETTLE_DRAWS, settle_preset
 
     preset, score_draws = settle_preset(PAPER)
     assert preset.draws == SETTLE_DRAWS and score_draws == 100
     assert settle_preset(FAST) == (FAST, None)  # stratified: its own draws, all of them
     assert settle_preset(PAPER.with_(draws=16)) == (PAPER.with_(draws=16), None)
+    # adaptive: its mined rows got the paper's 100 i.i.d. draws; the stages are not the draws' law
+    adaptive, adaptive_draws = settle_preset(ADAPTIVE)
+    assert adaptive.draws == SETTLE_DRAWS and adaptive.stages is None and adaptive_draws == 100
     # The spread of 24 draws over sqrt(100) estimates the error of a 100-draw mean.
     rng = torch.Generator().manual_seed(0)
     values = torch.randn(2000, 24, generator=rng) * 3.0

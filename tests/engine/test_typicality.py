@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from worker.engine.presets import FAST, PAPER, TypicalityPreset, get_preset
+from worker.engine.streams import generator, text_key
 from worker.engine.timesteps import fit_timestep_weights
 from worker.engine.typicality import (
     draw_timesteps_and_noise,
@@ -18,8 +19,9 @@ from worker.engine.typicality import (
 
 
 def formula_by_hand(denoiser, image, condition, seed, draws=100, t_min=100, t_max=700):
-    """docs/method.md section 2, one draw at a time: T = E[L(null) - L(c)], channel-averaged maps."""
-    g = torch.Generator().manual_seed(seed)
+    """docs/method.md section 2, one draw at a time: T = E[L(null) - L(c)], channel-averaged maps,
+    from the paper preset's own random stream of the seed (worker/engine/streams.py)."""
+    g = generator(seed, "typicality-draws", *text_key(PAPER.sampling_key))
     timesteps = torch.randint(t_min, t_max, (draws,), generator=g)
     noise = torch.randn((draws, *image.shape), generator=g)
     null = torch.zeros(1, denoiser.num_labels)

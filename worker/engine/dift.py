@@ -12,8 +12,9 @@ image is cropped from it: `draws` forward passes per image instead of the refere
 `patch_features_per_patch` keeps the reference's way for checks and benchmarks.
 
 Determinism: the noise draws are a function of `seed` only (the same draws for every image, as
-the typicality draws are), and the VAE posterior sample of latent models is drawn with a
-generator re-seeded per image, so an image's features do not depend on its batch.
+the typicality draws are, from their own stream: worker/engine/streams.py), and the VAE posterior
+sample of latent models is drawn with a generator re-seeded per image (the same latent the
+typicality of that seed scores), so an image's features do not depend on its batch.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from .data import pad_to_multiple
 from .denoiser import ConditionalDenoiser
+from .streams import generator
 
 #: DIFT-161: the timestep on the 1000-step scale, the number of noise draws, the UNet block.
 DIFT_T = 161
@@ -61,7 +63,7 @@ def dift_feature_map(denoiser: ConditionalDenoiser, images: torch.Tensor, condit
 
     with denoiser.inference():
         latents = _encode(denoiser, images.to(device), seed)
-        noise = torch.randn((draws, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn((draws, *latents.shape[1:]), generator=generator(seed, "dift-noise"))
         noise = noise.to(device, latents.dtype)
         conditions = conditions.to(device)
         # Work items (image, draw), draws fastest; the map of image i sums rows i*draws..(i+1)*draws-1.
@@ -154,7 +156,7 @@ def patch_features_per_patch(denoiser: ConditionalDenoiser, images: torch.Tensor
 def _encode(denoiser: ConditionalDenoiser, images: torch.Tensor, seed: int) -> torch.Tensor:
     """Encode one image at a time with a generator re-seeded per image, so a latent model's
     posterior sample does not depend on the batch (identity for pixel models)."""
-    return torch.cat([denoiser.encode(image[None], generator=torch.Generator().manual_seed(seed))
+    return torch.cat([denoiser.encode(image[None], generator=generator(seed, "vae-posterior"))
                       for image in images])
 
 

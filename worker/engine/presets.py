@@ -41,6 +41,18 @@ class TypicalityPreset:
     channels_last: bool = False
     #: autocast dtype for the denoiser on CUDA: None (fp32), "bf16" or "fp16"
     autocast: str | None = None
+    #: score with only the first `prefix` draws of this preset's sequence (None: all `draws`);
+    #: an adaptive stage, or a cheap first look that the full draws extend
+    prefix: int | None = None
+    #: leave out the first `skip` of those draws: an adaptive stage that extends earlier draws
+    #: scores draws [skip, prefix) only
+    skip: int = 0
+    #: adaptive scoring (worker/engine/adaptive.py): the draws of each stage, the last equal to
+    #: `draws`. Every row is scored at the first; a row goes on to the next stage while its
+    #: place in its label's top patches is uncertain.
+    stages: tuple[int, ...] | None = None
+    #: adaptive: confidence bounds are score +- `confidence` standard errors
+    confidence: float = 3.0
 
     def __post_init__(self):
         if self.timesteps not in TIMESTEP_SCHEMES:
@@ -65,11 +77,45 @@ class TypicalityPreset:
             bin_density(self.timestep_weights, self.t_max - self.t_min)  # raises if unusable
         if self.forward_batch < 2:
             raise ValueError("forward_batch must hold at least one label/null pair")
+        if self.prefix is not None and not (2 <= self.prefix <= self.draws and self.prefix % self._round_unit == 0):
+            raise ValueError(f"prefix must be 2..{self.draws} draws in whole rounds of {self._round_unit}, "
+                             f"got {self.prefix}")
+        if not 0 <= self.skip < (self.prefix or self.draws) or self.skip % self._round_unit:
+            raise ValueError(f"skip must be whole rounds below the draws used, got {self.skip}")
+        if self.stages is not None:
+            steps = list(self.stages)
+            if len(steps) < 2 or steps != sorted(set(steps)) or steps[0] < 2 or steps[-1] != self.draws:
+                raise ValueError(f"stages must rise strictly from >= 2 to the preset's {self.draws} draws, "
+                                 f"got {self.stages}")
+            if any(n % self._round_unit for n in steps):
+                raise ValueError(f"every stage must be whole rounds of {self._round_unit} draws, got {self.stages}")
+            if self.confidence <= 0:
+                raise ValueError(f"confidence must be positive, got {self.confidence}")
 
     @property
     def rounds_of(self) -> int:
         """Draws per round."""
         return self.round_size or self.draws
+
+    @property
+    def _round_unit(self) -> int:
+        """What a prefix must be a multiple of: the rounds, unless the draws are i.i.d. in one round
+        (then any prefix of an i.i.d. sequence is i.i.d.)."""
+        return 1 if self.timesteps == "uniform" and self.round_size is None else self.rounds_of
+
+    @property
+    def draws_used(self) -> int:
+        """Draws scored per image: those of the prefix, if one is set, else all, less the skipped."""
+        return (self.prefix or self.draws) - self.skip
+
+    @property
+    def sampling_key(self) -> str:
+        """What fixes this preset's (t, eps) sequence, and names its random stream
+        (worker/engine/streams.py): presets that differ in any of it share no noise, e.g.
+        `PAPER.with_(draws=32)` does not reuse the paper's first 32 draws. Not in it: which of
+        the draws are used (`prefix`, `skip`, early stopping), speed settings, and the name."""
+        return repr((self.timesteps, self.draws, self.rounds_of, self.t_min, self.t_max,
+                     self.timestep_weights, self.stages))
 
     def with_(self, **changes) -> TypicalityPreset:
         """A modified copy, e.g. `PAPER.with_(forward_batch=256)`; renamed unless `name` is given."""
@@ -86,7 +132,13 @@ PAPER = TypicalityPreset(name="paper")
 #: `FAST.with_(forward_batch=64, channels_last=True)` ran ~1.3x faster than these defaults.
 FAST = TypicalityPreset(name="fast", draws=24, timesteps="stratified")
 
-PRESETS = {preset.name: preset for preset in (PAPER, FAST)}
+#: The paper's 100 i.i.d. draws where they decide what is mined, a few elsewhere: every row gets
+#: 12 draws, rows whose best box may still reach their label's top patches get 36, and those
+#: still in doubt the paper's 100 (worker/engine/adaptive.py; measured in docs/benchmarks.md,
+#: "Adaptive draws"). Its own random stream: it shares no draws with `paper` at the same seed.
+ADAPTIVE = TypicalityPreset(name="adaptive", stages=(12, 36, 100))
+
+PRESETS = {preset.name: preset for preset in (PAPER, FAST, ADAPTIVE)}
 
 
 def get_preset(name: str) -> TypicalityPreset:

@@ -48,7 +48,8 @@ def settle_preset(preset: TypicalityPreset) -> tuple[TypicalityPreset, int | Non
     """
     if preset.draws <= SETTLE_DRAWS or preset.timesteps != "uniform" or preset.target_stderr is not None:
         return preset, None
-    return preset.with_(draws=SETTLE_DRAWS, round_size=None), preset.draws
+    # An adaptive preset's stages are how its score was reached, not part of the draws' law
+    return preset.with_(draws=SETTLE_DRAWS, round_size=None, stages=None, prefix=None, skip=0), preset.draws
 
 
 def box_draw_values(draw_maps: torch.Tensor, boxes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]],

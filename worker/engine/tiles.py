@@ -122,6 +122,12 @@ def typicality_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor, c
     return tiled_typicality(denoiser, images, conditions, preset, seed=seed, tile=tile, draw_maps=draw_maps)
 
 
+def passes_per_draw(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int:
+    """Denoiser inputs one draw of one image costs per condition: its tiles, or 1."""
+    tile = training_tile(denoiser, images)
+    return 1 if tile is None else len(Tiling(*images.shape[-2:], tile).origins)
+
+
 def label_scores_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor,
                             preset: TypicalityPreset = PAPER, *, seed: int = 0, maps: bool = False) -> LabelScores:
     """`label_scores`, through tiles of the training size when the images are larger than it."""

@@ -37,11 +37,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .denoiser import ConditionalDenoiser
+from .streams import derive_seed, generator
 
 ProgressCallback = Callable[[int, int, float], None]
 
-# Independent random streams derived from (seed, step, stream).
-_DATA_ORDER, _CROPS, _TIMESTEPS, _NOISE, _DROPOUT, _ENCODE, _GLOBAL = range(7)
 # How many recent step losses `final_loss` averages: one step's loss swings with its random t.
 FINAL_LOSS_WINDOW = 20
 
@@ -54,15 +53,6 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integers (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*keys))
-
-
 def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> list[int]:
     """Dataset indices of global batch `step`: epochs of seeded permutations, a pure function."""
     if dataset_size == 0:
@@ -72,7 +62,7 @@ def batch_indices(seed: int, step: int, batch_size: int, dataset_size: int) -> l
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, dataset_size)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(dataset_size, generator=generator(seed, _DATA_ORDER, epoch))
+            orders[epoch] = torch.randperm(dataset_size, generator=generator(seed, "training-order", epoch))
         indices.append(int(orders[epoch][offset]))
     return indices
 
@@ -96,7 +86,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         for step in range(self.start_step, self.steps):
             keys = batch_indices(self.seed, step, self.batch_size, self.dataset_size)
             if self.seeded_keys:  # per-sample crop seeds, so augmentation replays too
-                keys = [(index, derive_seed(self.seed, _CROPS, step, position))
+                keys = [(index, derive_seed(self.seed, "training-crops", step, position))
                         for position, index in enumerate(keys)]
             yield keys[self.local]
 
@@ -165,13 +155,13 @@ def train(denoiser: ConditionalDenoiser, dataset: torch.utils.data.Dataset, *, s
         # Draw for the whole global batch, then keep this process's slice.
         global_shape = (batch_size, *latents.shape[1:])
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,),
-                                  generator=generator(seed, _TIMESTEPS, step))[local].to(device)
-        noise = torch.randn(global_shape, generator=generator(seed, _NOISE, step))[local].to(device)
-        drop = torch.rand(batch_size, generator=generator(seed, _DROPOUT, step))[local] < null_dropout
+                                  generator=generator(seed, "training-timesteps", step))[local].to(device)
+        noise = torch.randn(global_shape, generator=generator(seed, "training-noise", step))[local].to(device)
+        drop = torch.rand(batch_size, generator=generator(seed, "training-dropout", step))[local] < null_dropout
         conditions = torch.where(drop.to(device)[:, None], torch.zeros_like(conditions), conditions)
         noisy = scheduler.add_noise(latents, noise.to(latents.dtype), timesteps)
 
-        with _seeded_global_rng(derive_seed(seed, _GLOBAL, step, accelerator.process_index), device):
+        with _seeded_global_rng(derive_seed(seed, "training-global", step, accelerator.process_index), device):
             loss = loss_module(noisy, timesteps, conditions, noise)
             accelerator.backward(loss)
         if grad_clip:
@@ -201,7 +191,7 @@ def encode_slice(denoiser: ConditionalDenoiser, images: torch.Tensor, seed: int,
     global batch: a sampling encoder (SD's VAE posterior) then draws the same latents whatever
     the number of processes (one generator per process would not)."""
     return torch.cat([denoiser.encode(images[i:i + 1],
-                                      generator=generator(seed, _ENCODE, step, position))
+                                      generator=generator(seed, "training-encode", step, position))
                       for i, position in enumerate(positions)])
 
 

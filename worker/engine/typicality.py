@@ -10,9 +10,13 @@ Draws. Given a seed, the (t, eps) draws are a fixed sequence that every image se
 reference re-seeds per image), and the label and the null condition of one draw share t and
 eps and the same forward call, so their difference has low variance. For the paper preset::
 
-    g = torch.Generator().manual_seed(seed)
+    g = streams.generator(seed, "typicality-draws", *streams.text_key(preset.sampling_key))
     timesteps = torch.randint(t_min, t_max, (N,), generator=g)
     noise = torch.randn((N, *latent_shape), generator=g)
+
+The stream is the preset's own (worker/engine/streams.py): two presets at one seed share no
+noise, and the draws share none with the VAE posterior sample of that seed. A preset with a
+`prefix` uses the first draws of its sequence: the full draws extend it.
 
 Because draws do not depend on the batch, scoring a batch gives the same numbers as scoring
 its images one by one (up to float rounding of batched kernels).
@@ -42,6 +46,7 @@ import torch
 from .data import pad_to_multiple
 from .denoiser import ConditionalDenoiser
 from .presets import PAPER, TypicalityPreset
+from .streams import generator, text_key
 from .timesteps import sample_timesteps
 
 Batch = torch.Tensor | Sequence  # images, or (images, conditions[, keys])
@@ -57,9 +62,7 @@ class TypicalityResult:
     draws: torch.Tensor  # [B] draws used per image (fewer than the preset's if stopped early)
     differences: torch.Tensor  # [B, N] image-level L_null - L_c per draw, x p/q (zeros after a stop)
     keys: list | None = None  # passed through from the input batch
-    #: [B, N, h, w] the map's L_null - L_c of every draw (zeros after a stop), if asked for: the
-    #: spread of a box's score over the draws (worker/engine/settled.py)
-    draw_maps: torch.Tensor | None = None
+    draw_maps: torch.Tensor | None = None  # [B, N, h, w] L_null - L_c per draw, if asked for
 
 
 @dataclass
@@ -96,12 +99,14 @@ class LabelScores:
 def draw_timesteps_and_noise(preset: TypicalityPreset, seed: int, shape: Sequence[int]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The preset's draws for one image of latent `shape`: t [N] int64, eps [N, *shape], and
-    the importance weights [N] of the draws (ones unless timesteps="importance")."""
-    g = torch.Generator().manual_seed(seed)
+    the importance weights [N] of the draws (ones unless timesteps="importance"); N is the
+    draws used (`preset.draws_used`): the first of the preset's sequence, after `preset.skip`."""
+    g = generator(seed, "typicality-draws", *text_key(preset.sampling_key))
     timesteps, weights = sample_timesteps(preset.timesteps, preset.draws, preset.rounds_of, preset.t_min,
                                           preset.t_max, g, preset.timestep_weights)
     noise = torch.randn((preset.draws, *shape), generator=g)
-    return timesteps, noise, weights
+    window = slice(preset.skip, preset.skip + preset.draws_used)
+    return timesteps[window], noise[window], weights[window]
 
 
 def standard_error(differences: torch.Tensor, timesteps: str = "uniform",
@@ -130,7 +135,7 @@ def typicality_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
                       preset: TypicalityPreset = PAPER, *, seed: int = 0,
                       draw_maps: bool = False) -> Iterator[TypicalityResult]:
     """Score batches `(images, conditions[, keys])` as they come; yields one result per batch.
-    `draw_maps` also keeps every draw's map (N times a map's memory per image)."""
+    `draw_maps`: also return every draw's map (memory: draws x the maps)."""
     with _inference(denoiser, preset):
         for batch in batches:
             images, conditions, keys = _unpack(batch, need_conditions=True)
@@ -139,14 +144,14 @@ def typicality_stream(denoiser: ConditionalDenoiser, batches: Iterable[Batch],
                 raise ValueError("typicality needs a label for every image; got an all-zero (null) condition")
             latents = _encode(denoiser, images, seed)
             null = denoiser.null_condition(len(latents), device=_device(denoiser))
-            per_draw, map_sums, used, every_draw = _losses(denoiser, latents, [null, conditions], preset, seed,
-                                                           keep_draw_maps=draw_maps)
+            per_draw, map_sums, used, per_draw_maps = _losses(denoiser, latents, [null, conditions], preset, seed,
+                                                              draw_maps)
             differences = per_draw[:, 0] - per_draw[:, 1]  # [B, N]: null minus label
             scores, stderr = _masked_mean_and_stderr(differences, used, preset)
             maps = (map_sums[:, 0] - map_sums[:, 1]) / used[:, None, None]
-            yield TypicalityResult(maps=maps, scores=scores, stderr=stderr, draws=used,
-                                   differences=differences, keys=keys,
-                                   draw_maps=every_draw[:, 0] - every_draw[:, 1] if draw_maps else None)
+            yield TypicalityResult(maps=maps, scores=scores, stderr=stderr, draws=used, differences=differences,
+                                   keys=keys, draw_maps=None if per_draw_maps is None else
+                                   per_draw_maps[:, 0] - per_draw_maps[:, 1])
 
 
 def label_scores(denoiser: ConditionalDenoiser, images: torch.Tensor, preset: TypicalityPreset = PAPER,
@@ -184,7 +189,7 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             preset: TypicalityPreset, seed: int, keep_draw_maps: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-draw image-level losses [B, J, N], summed loss maps [B, J, h, w], draws used [B], and
-    with `keep_draw_maps` every draw's loss map [B, J, N, h, w] (else None).
+    with `keep_draw_maps` each draw's loss map [B, J, N, h, w].
 
     Losses of importance-sampled draws carry their weight p/q, so plain means stay unbiased.
     Work items are (image, draw, condition) triples, condition fastest, so the J conditions of a
@@ -198,17 +203,18 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
     timesteps, noise, weights = draw_timesteps_and_noise(preset, seed, latents.shape[1:])
     timesteps, noise, weights = timesteps.to(device), noise.to(device, latents.dtype), weights.to(device)
     conditions = torch.stack(condition_sets, dim=1).to(device)  # [B, J, L]
-    per_draw = torch.zeros(batch, conditions_per_draw, preset.draws, device=device)
+    per_draw = torch.zeros(batch, conditions_per_draw, preset.draws_used, device=device)
     map_sums = torch.zeros(batch, conditions_per_draw, height, width, device=device)
-    draw_maps = torch.zeros(batch, conditions_per_draw, preset.draws, height, width, device=device) \
+    draw_maps = torch.zeros(batch, conditions_per_draw, preset.draws_used, height, width, device=device) \
         if keep_draw_maps else None
     used = torch.zeros(batch, dtype=torch.long, device=device)
     active = torch.arange(batch, device=device)
     rows = _rows_per_call(denoiser, preset, latents.shape[-2:])
     chunk = max(conditions_per_draw, rows // conditions_per_draw * conditions_per_draw)
 
-    for start in range(0, preset.draws, preset.rounds_of):
-        draws = torch.arange(start, start + preset.rounds_of, device=device)
+    round_length = min(preset.rounds_of, preset.draws_used)
+    for start in range(0, preset.draws_used, round_length):
+        draws = torch.arange(start, start + round_length, device=device)
         items = torch.cartesian_prod(active, draws, torch.arange(conditions_per_draw, device=device))
         for part in items.split(chunk):
             image, draw, cond = part.unbind(dim=1)
@@ -225,10 +231,10 @@ def _losses(denoiser: ConditionalDenoiser, latents: torch.Tensor, condition_sets
             map_sums.view(-1, *loss.shape[1:]).index_add_(0, image * conditions_per_draw + cond, loss)
             if draw_maps is not None:
                 draw_maps[image, cond, draw] = loss
-        used[active] += preset.rounds_of
+        used[active] += round_length
         if preset.target_stderr is not None:
-            differences = per_draw[active, :1, : start + preset.rounds_of] - \
-                per_draw[active, 1:, : start + preset.rounds_of]
+            differences = per_draw[active, :1, : start + round_length] - \
+                per_draw[active, 1:, : start + round_length]
             stderr = standard_error(differences, preset.timesteps, preset.round_size).amax(dim=1)
             active = active[stderr > preset.target_stderr]
             if len(active) == 0:
@@ -270,9 +276,10 @@ def _device(denoiser: ConditionalDenoiser) -> torch.device:
 
 def _encode(denoiser: ConditionalDenoiser, images: torch.Tensor, seed: int) -> torch.Tensor:
     """Encode one image at a time with a generator re-seeded per image (VAE posterior samples
-    then do not depend on the batch: the reference re-seeds per image)."""
+    then do not depend on the batch: the reference re-seeds per image), from the posterior's own
+    stream of the seed, which DIFT features share (one latent per image and seed)."""
     images = images.to(_device(denoiser))
-    return torch.cat([denoiser.encode(image[None], generator=torch.Generator().manual_seed(seed))
+    return torch.cat([denoiser.encode(image[None], generator=generator(seed, "vae-posterior"))
                       for image in images])
 
 
