@@ -3,8 +3,8 @@
 Adaptive scoring gives rows different numbers of draws; rows scored before this column existed
 keep NULL (their run's preset says how many).
 
-Revision ID: 0004_adaptive
-Revises: 0003
+Revision ID: 0005_adaptive
+Revises: 0004_settled
 """
 import sqlalchemy as sa
 from alembic import op
