@@ -127,14 +127,16 @@ def compute_shard(denoiser, shard: list[Example], label_ids: list[int], params: 
     records: dict = {}
     for indices, images in load_view_groups([e.path for e in shard], view):
         group = [shard[i] for i in indices]
-        records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores.maps))
+        records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores.maps,
+                                        tile_stride=params.tile_stride))
         if params.all_labels:
-            every_label_scores(denoiser, group, images, label_ids, preset, seed, scores, records)
+            every_label_scores(denoiser, group, images, label_ids, preset, seed, scores, records,
+                               tile_stride=params.tile_stride)
     scores.records = list(records.values())
     return scores
 
 
-def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps) -> dict:
+def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps, *, tile_stride="half") -> dict:
     """(image, label) -> record under each own label, its map added to `maps`."""
     from worker.engine.data import multi_hot
     from worker.engine.tiles import typicality_as_trained
@@ -142,7 +144,8 @@ def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps) -> 
     # One row per (image, own label): a multi-label image is scored under each of its labels.
     rows = [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
     own = typicality_as_trained(denoiser, images[[i for i, _ in rows]],
-                     multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed)
+                     multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed,
+                     tile_stride=tile_stride)
     records = {}
     for r, (i, label) in enumerate(rows):
         image_id, label_id = shard[i].image_id, label_ids[label]
@@ -154,7 +157,7 @@ def own_label_scores(denoiser, shard, images, label_ids, preset, seed, maps) -> 
 
 
 def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores,
-                       records: dict) -> None:
+                       records: dict, *, tile_stride="half") -> None:
     """Every image under every label (the diffusion-classifier view): a loss on every record,
     and a record and map (in `scores.other_maps`) for each label the image does not have.
 
@@ -168,7 +171,7 @@ def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores:
     """
     from worker.engine.tiles import label_scores_as_trained
 
-    everything = label_scores_as_trained(denoiser, images, preset, seed=seed, maps=True)
+    everything = label_scores_as_trained(denoiser, images, preset, seed=seed, maps=True, tile_stride=tile_stride)
     every_map = everything.maps.cpu().numpy().astype(np.float16)  # [B, M, h, w]
     for i, example in enumerate(shard):
         for m, label_id in enumerate(label_ids):
