@@ -47,8 +47,8 @@ PIXEL_SIZES = ("tiny", "small", "base")
 #: crop size): stride name -> what the CLI and the run form say of it. "half" is the default,
 #: measured on a planted mark; "full" costs about 4x less (docs/benchmarks.md).
 TILE_STRIDES = {
-    "half": "tiles overlap by half (default): each pixel seen in up to 4 contexts",
-    "full": "tiles side by side: about 4x fewer, for large datasets on a CPU",
+    "half": "stride R/2, the default: tiles overlap by half, each pixel seen in up to 4 contexts",
+    "full": "stride R: tiles side by side, about 4x fewer (cheaper on a CPU)",
 }
 
 #: Denoiser precision while scoring. fp16/bf16 autocast is for GPUs: on this project's CPUs it ran

@@ -133,13 +133,14 @@ def report(rows: list[dict], args) -> None:
           f"8 px mark in {args.plant_fraction:.0%} of {MARKED!r}; {args.size} model, {args.steps} steps, "
           f"batch {args.batch_size}, lr {args.lr}; {args.preset} preset at {args.draws} draws")
     print("| configuration | top cluster on the mark | all patches | AUC-PR (positive rate) "
-          "| train s (s/step) | score s/image | mine s/image |")
+          "| train CPU s (per step) | score CPU s/image | mine CPU s/image |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         top = "-" if r["top_cluster"] is None else f"{r['top_cluster']:.2f}"
         auc = "-" if r["box_auc_pr"] is None else f"{r['box_auc_pr']:.3f} ({r['box_positive_rate']:.4f})"
         print(f"| {r['config']} | {top} | {r['all_patches']:.2f} | {auc} | {r['train_seconds']:.0f} "
-              f"({r['seconds_per_step']:.3f}) | {r['score_seconds_per_image']:.2f} | {r['mine_seconds_per_image']:.2f} |")
+              f"({r['seconds_per_step']:.3f}) | {r['score_seconds_per_image']:.2f} "
+              f"| {r['mine_seconds_per_image']:.2f} |")
 
 
 def main() -> None:

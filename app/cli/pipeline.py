@@ -229,8 +229,8 @@ def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image
         parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, help="images per resumable shard (default 64)")
     parser.add_argument("--tile-stride", choices=tuple(catalog.TILE_STRIDES),
-                        help="images larger than a pixel model's training crops are scored through "
-                             "tiles of the crop size: " + "; ".join(
+                        help="images larger than a pixel model's training crops (R px) are scored "
+                             "through R x R tiles; " + "; ".join(
                                  f"{name}: {text}" for name, text in catalog.TILE_STRIDES.items()))
 
 
