@@ -92,12 +92,35 @@ def diffmine(home: Path, *args: str) -> tuple[dict, float]:
     return json.loads(done.stdout), (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def mine_flags(args) -> list[str]:
+    flags = [] if args.per_label is None else ["--per-label", str(args.per_label)]
+    return flags + ([] if args.clusters is None else ["--clusters", str(args.clusters)])
+
+
+def mark_found(home: Path, run: int) -> dict:
+    """`diffmine evaluate`'s planted-mark numbers for the marked label of a run."""
+    evaluated, _ = diffmine(home, "evaluate", str(run), "--draws", "2", "--max-images", "8")
+    overlap = evaluated["mark_overlap"][MARKED]
+    return dict(top_cluster=overlap["top_cluster"], all_patches=overlap["all_patches"],
+                box_auc_pr=evaluated.get("box_auc_pr"), box_positive_rate=evaluated.get("box_positive_rate"))
+
+
+def remine(home: Path, runs: list[int], args) -> list[dict]:
+    """Mine runs of an earlier --keep home again with other mining options, and evaluate them."""
+    rows = []
+    for run in runs:
+        mined, seconds = diffmine(home, "mine", str(run), *mine_flags(args))
+        row = dict(run=run, per_label=args.per_label, clusters=args.clusters, patches=mined["patches"],
+                   mine_seconds=seconds, **mark_found(home, run))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def measure(home: Path, args) -> list[dict]:
     train_flags = ["--resolution", "32", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--size", args.size, "--lr", str(args.lr)]
     score_flags = ["--preset", args.preset, "--draws", str(args.draws)]
-    mine_flags = [] if args.per_label is None else ["--per-label", str(args.per_label)]
-    mine_flags += [] if args.clusters is None else ["--clusters", str(args.clusters)]
     models: dict[int, tuple[int, float]] = {}
     rows = []
     chosen = list(CONFIGS.items())
@@ -112,13 +135,10 @@ def measure(home: Path, args) -> list[dict]:
         stride_flags = ["--tile-stride", stride] if stride else []
         scored, score_seconds = diffmine(home, "score", str(model), *score_flags, *stride_flags)
         run = scored["run"]
-        mined, mine_seconds = diffmine(home, "mine", str(run), *mine_flags)
-        evaluated, _ = diffmine(home, "evaluate", str(run), "--draws", "2", "--max-images", "8")
-        overlap = evaluated["mark_overlap"][MARKED]
+        mined, mine_seconds = diffmine(home, "mine", str(run), *mine_flags(args))
         row = dict(config=name, image_size=image_size, tile_stride=stride, model=model, run=run,
-                   top_cluster=overlap["top_cluster"], all_patches=overlap["all_patches"],
-                   box_auc_pr=evaluated.get("box_auc_pr"), box_positive_rate=evaluated.get("box_positive_rate"),
-                   patches=mined["patches"], clusters=mined["clusters"], images=scored["images"],
+                   **mark_found(home, run), patches=mined["patches"], clusters=mined["clusters"],
+                   images=scored["images"],
                    train_seconds=train_seconds, score_seconds=score_seconds, mine_seconds=mine_seconds,
                    seconds_per_step=train_seconds / max(1, args.steps),
                    score_seconds_per_image=score_seconds / scored["images"],
@@ -160,9 +180,15 @@ def main() -> None:
     parser.add_argument("--configs", help="comma-separated indices into CONFIGS (default: all)")
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (data and home)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per command")
+    parser.add_argument("--remine", type=Path, metavar="HOME",
+                        help="only mine the --runs of this home (a --keep folder's) again and evaluate them")
+    parser.add_argument("--runs", default="1", help="with --remine: comma-separated run ids")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     THREADS["count"] = args.threads
+    if args.remine:
+        remine(args.remine, [int(r) for r in args.runs.split(",")], args)
+        return
     if args.quick:
         args.per_label_images, args.steps, args.draws = 8, 20, 2
     with tempfile.TemporaryDirectory() as tmp:
