@@ -155,3 +155,19 @@ def test_the_tile_stride_reaches_the_score_jobs_maps(mined_settings, capsys):
     assert scored.shape == (64, 64)
     assert torch.allclose(scored, at_stride(32), atol=2e-3)
     assert not torch.allclose(scored, at_stride(16), atol=2e-3)
+
+
+def test_mining_again_with_fewer_patches_embeds_the_new_patches(mined_settings):
+    """The features stage resumes from the parts it finds: a new mining must not take those of
+    the last one (their patches are gone; fewer patches failed, as many took their features)."""
+    from sqlalchemy import text
+
+    from app.db import engine_for
+
+    home = mined_settings.home_dir
+    again = diffmine_json(home, "mine", "1", "--per-label", "5", "--clusters", "2")
+    with engine_for(mined_settings.db_url).connect() as conn:
+        rows = conn.execute(text("SELECT feature_row FROM patches WHERE run_id = 1")).scalars().all()
+    features = np.load(home / "runs/1/features.npy", mmap_mode="r")
+    assert len(rows) == again["patches"] == len(features)
+    assert sorted(rows) == list(range(len(features)))

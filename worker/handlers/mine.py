@@ -110,6 +110,9 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
 
     from worker.engine import patches as P
 
+    # The features stage resumes from the parts it finds; parts of an earlier mining hold the
+    # features (and ids) of patches about to be replaced, so they go first.
+    shutil.rmtree(info.dir / "features", ignore_errors=True)
     shards = map_shards(info)
 
     def candidates():
