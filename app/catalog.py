@@ -44,6 +44,14 @@ SIDE_MULTIPLES = {"pixel": 1, "stable-diffusion": 64}
 #: widths of the embedded pixel UNet (worker/engine/pixel.py)
 PIXEL_SIZES = ("tiny", "small", "base")
 
+#: Tiles (images larger than a pixel model's training crops are scored through tiles of the
+#: crop size): stride name -> what the CLI and the run form say of it. "half" is the default,
+#: measured on a planted mark; "full" costs about 4x less (docs/benchmarks.md).
+TILE_STRIDES = {
+    "half": "stride R/2, the default: tiles overlap by half, each pixel seen in up to 4 contexts",
+    "full": "stride R: tiles side by side, about 4x fewer (cheaper on a CPU)",
+}
+
 #: Denoiser precision while scoring. fp16/bf16 autocast is for GPUs: on this project's CPUs it ran
 #: 2-4x slower than fp32; on an H200, fp16 scored Stable Diffusion 4.9-6.5x faster
 #: (docs/benchmarks.md).

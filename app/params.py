@@ -21,6 +21,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 Selection = Literal["typical", "least", "random"]
 View = Literal["whole", "centre-crop"]
 TranslationPresetName = Literal["fast", "reference"]
+TileStride = Literal["half", "full"]
 
 
 class Params(BaseModel):
@@ -175,6 +176,10 @@ class RunParams(Params):
     image_size: int | None = Field(None, gt=0)
     #: images per resumable scoring shard
     shard_size: int = Field(64, ge=1)
+    #: pixel models scoring images larger than their training crops do so through tiles of the
+    #: crop size R: at stride R/2 ("half", the default; the paper has no tiles, it scores 512 px
+    #: images whole through Stable Diffusion) or R ("full", about 4x cheaper); worker/engine/tiles.py
+    tile_stride: TileStride = "half"
     mine: MineOptions = MineOptions()
     #: written by the evaluate job
     evaluation: dict | None = None

@@ -25,6 +25,9 @@ def test_engine_presets_are_the_catalogs():
     from worker.engine import presets, translation
 
     assert sorted(presets.PRESETS) == sorted(catalog.TYPICALITY_PRESETS)
+    from worker.engine.tiles import TILE_STRIDES
+
+    assert tuple(TILE_STRIDES) == tuple(catalog.TILE_STRIDES)
     assert sorted(translation.PRESETS) == sorted(catalog.TRANSLATION_PRESETS)
     for name, numbers in params.TRANSLATION_PRESET_NUMBERS.items():
         assert translation.get_preset(name).kwargs() == numbers
@@ -37,6 +40,7 @@ def test_literal_types_list_the_catalogs_names():
     check_catalog(catalog.VIEWS, params.View)
     check_catalog(catalog.PRECISIONS, params.Precision)
     check_catalog(catalog.SELECTIONS, params.Selection)
+    check_catalog(tuple(catalog.TILE_STRIDES), params.TileStride)
     assert set(BACKEND_DEFAULTS) == set(catalog.BACKENDS)
 
 

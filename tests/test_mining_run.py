@@ -113,3 +113,61 @@ def test_the_lookalike_threshold_sets_how_much_a_recluster_leaves_out(mined_sett
     assert clustered_after("-0.5") < clustered_after("0.99")
     refused = run_diffmine(home, "mine", "1", "--recluster", "--lookalike-threshold", "1.5", timeout=120)
     assert refused.returncode != 0 and "cosine in (-1, 1)" in refused.stderr
+
+
+def test_the_tile_stride_reaches_the_score_jobs_maps(mined_settings, capsys):
+    """`diffmine score --tile-stride full` at an image size twice the training crops: the
+    stored map is the engine's at stride 32 (the crops' side), not at the default 16."""
+    import torch
+
+    from app.models import TrainedModel
+    from app.params import RunParams
+    from app.services.runs import examples
+    from worker.engine.data import View, multi_hot
+    from worker.engine.registry import load_denoiser
+    from worker.engine.tiles import tiled_typicality
+    from worker.handlers.score import preset_for
+
+    home = mined_settings.home_dir
+    refused = run_diffmine(home, "score", "1", "--tile-stride", "quarter", timeout=120)
+    assert refused.returncode == 2 and "invalid choice: 'quarter'" in refused.stderr
+    run = diffmine_in_process(capsys, "score", "1", "--image-size", "64", "--tile-stride", "full",
+                              "--preset", "fast", "--draws", "2", home=home)["run"]
+    with session_scope(mined_settings) as session:
+        stored = session.get(MiningRun, run)
+        params = RunParams.model_validate(stored.params)
+        weights = home / session.get(TrainedModel, stored.model_id).weights_dir
+        example = examples(session, mined_settings, label_set_id=1, limit=1)[0]
+        map_path = session.scalar(select(ImageScore.map_path).where(
+            ImageScore.run_id == run, ImageScore.image_id == example.image_id))
+    assert params.tile_stride == "full" and run == 2  # run 1, at the default stride, is kept
+    file, key = map_path.rsplit(":", 1)
+    with np.load(home / file) as data:
+        scored = torch.from_numpy(data[key].astype(np.float32))
+    denoiser = load_denoiser(weights, device="cpu")
+    image = View(64).load(example.path)[None]
+    condition = multi_hot([example.label_indices], denoiser.num_labels)
+
+    def at_stride(stride: int) -> torch.Tensor:
+        return tiled_typicality(denoiser, image, condition, preset_for(params, denoiser), seed=params.seed,
+                                tile=32, stride=stride).maps[0]
+
+    assert scored.shape == (64, 64)
+    assert torch.allclose(scored, at_stride(32), atol=2e-3)
+    assert not torch.allclose(scored, at_stride(16), atol=2e-3)
+
+
+def test_mining_again_with_fewer_patches_embeds_the_new_patches(mined_settings):
+    """The features stage resumes from the parts it finds: a new mining must not take those of
+    the last one (their patches are gone; fewer patches failed, as many took their features)."""
+    from sqlalchemy import text
+
+    from app.db import engine_for
+
+    home = mined_settings.home_dir
+    again = diffmine_json(home, "mine", "1", "--per-label", "5", "--clusters", "2")
+    with engine_for(mined_settings.db_url).connect() as conn:
+        rows = conn.execute(text("SELECT feature_row FROM patches WHERE run_id = 1")).scalars().all()
+    features = np.load(home / "runs/1/features.npy", mmap_mode="r")
+    assert len(rows) == again["patches"] == len(features)
+    assert sorted(rows) == list(range(len(features)))

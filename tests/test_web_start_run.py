@@ -16,7 +16,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
     response = client.post("/datasets/1/runs", data={
         "csrf_token": token, "preset": "fast", "backend": "pixel", "steps": "20", "draws": "4",
         "size": "tiny", "per_label": "20", "clusters": "3", "all_labels": "1", "precision": "fp16",
-        "processes": "2", "batch_size": "8", "image_size": "48"})
+        "processes": "2", "batch_size": "8", "image_size": "48", "tile_stride": "full"})
     assert response.status_code == 200 and response.url.path == "/jobs/4"
     with session_scope(mined_settings) as session:
         job = session.get(Job, 4)
@@ -28,6 +28,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
         assert model.config["image_size"] == 48 and model.config["view"] == "whole"
         assert run.params["draws"] == 4 and run.params["all_labels"] and run.params["precision"] == "fp16"
         assert run.params["mine"] == {"per_label": 20, "clusters": 3}
+        assert run.params["tile_stride"] == "full"
     home = client.get("/.json").json()
     runs = home["datasets"][0]["runs"]
     assert runs[0]["id"] == 2 and runs[0]["status"] == "queued" and runs[0]["job"]["id"] == 4
@@ -40,6 +41,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
     ("draws", "0", "draws must be between 1"),
     ("precision", "fp8", "unknown precision"),
     ("processes", "0", "processes must be between 1"),
+    ("tile_stride", "quarter", "unknown tile_stride"),
 ])
 def test_bad_values_are_explained_inline(client, field, value, message):
     token = form_token(client, "/datasets/1")

@@ -81,7 +81,7 @@ def run_params(args) -> RunParams:
     mine = mine_options(args) if hasattr(args, "per_label") else MineOptions()
     return RunParams(preset=args.preset, draws=args.draws, precision=args.precision,
                      all_labels=args.all_labels, seed=args.seed, shard_size=args.shard_size,
-                     image_size=args.image_size, mine=mine)
+                     image_size=args.image_size, tile_stride=args.tile_stride, mine=mine)
 
 
 @command("artifact")
@@ -231,6 +231,10 @@ def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image
     if seed:
         parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, help="images per resumable shard (default 64)")
+    parser.add_argument("--tile-stride", choices=tuple(catalog.TILE_STRIDES),
+                        help="images larger than a pixel model's training crops (R px) are scored "
+                             "through R x R tiles; " + "; ".join(
+                                 f"{name}: {text}" for name, text in catalog.TILE_STRIDES.items()))
 
 
 def add_mine_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,10 @@ show it exactly what it learnt from: R x R windows at a stride (R/2 by default),
 with the same draws as a whole image would be (`typicality.typicality`), and every pixel's value
 the mean over the tiles that cover it. The cost is about (R / stride)^2 times the whole image's.
 
+Named strides (`TILE_STRIDES`, the score job's `tile_stride`): "half", R/2, the default, every
+pixel away from the borders seen in 4 contexts; "full", R, tiles side by side, about 4x fewer
+(bench/bench_planted_product.py measures both on a planted mark, docs/benchmarks.md).
+
 The image-level score is the mean of the assembled map, exactly. Its standard error is
 approximate: each draw's image-level difference is taken as the tiles' per-draw means weighted
 by the share of the map each tile makes up.
@@ -18,6 +22,9 @@ import torch
 from .denoiser import ConditionalDenoiser
 from .presets import PAPER, TypicalityPreset
 from .typicality import LabelScores, TypicalityResult, label_scores, standard_error, typicality
+
+#: stride name -> stride as a fraction of the tile side (app/catalog.py has the same names)
+TILE_STRIDES = {"half": 0.5, "full": 1.0}
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -38,6 +45,9 @@ class Tiling:
         if min(height, width) < tile:
             raise ValueError(f"images of {height}x{width} are smaller than the {tile} px tiles")
         stride = stride or max(1, tile // 2)
+        if not 1 <= stride <= tile:
+            # A stride beyond the tile would leave pixels no tile covers.
+            raise ValueError(f"a tile stride must be 1 to {tile} px (the tile side), got {stride}")
         self.height, self.width, self.tile = height, width, tile
         self.origins = [(y, x) for y in tile_origins(height, tile, stride) for x in tile_origins(width, tile, stride)]
         self.cover = torch.zeros(height, width)
@@ -99,6 +109,13 @@ def tiled_label_scores(denoiser: ConditionalDenoiser, images: torch.Tensor, pres
 
 
 # --- what the score job calls ----------------------------------------------------------------------
+def stride_of(tile: int, name: str) -> int:
+    """The stride in pixels of a named stride (`TILE_STRIDES`) for tiles of side `tile`."""
+    if name not in TILE_STRIDES:
+        raise ValueError(f"unknown tile stride {name!r}; choose one of {tuple(TILE_STRIDES)}")
+    return max(1, round(tile * TILE_STRIDES[name]))
+
+
 def training_tile(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int | None:
     """The tile side to score `images` with: a pixel model's training crop side when the images
     are larger than its crops, else None (the whole image, which is what it trained on).
@@ -114,24 +131,29 @@ def training_tile(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int | 
 
 def typicality_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor, conditions: torch.Tensor,
                           preset: TypicalityPreset = PAPER, *, seed: int = 0,
-                          draw_maps: bool = False) -> TypicalityResult:
-    """`typicality`, through tiles of the training size when the images are larger than it."""
+                          draw_maps: bool = False, tile_stride: str = "half") -> TypicalityResult:
+    """`typicality`, through tiles of the training size at the named stride when the images
+    are larger than it."""
     tile = training_tile(denoiser, images)
     if tile is None:
         return typicality(denoiser, images, conditions, preset, seed=seed, draw_maps=draw_maps)
-    return tiled_typicality(denoiser, images, conditions, preset, seed=seed, tile=tile, draw_maps=draw_maps)
+    return tiled_typicality(denoiser, images, conditions, preset, seed=seed, tile=tile, draw_maps=draw_maps,
+                            stride=stride_of(tile, tile_stride))
 
 
-def passes_per_draw(denoiser: ConditionalDenoiser, images: torch.Tensor) -> int:
+def passes_per_draw(denoiser: ConditionalDenoiser, images: torch.Tensor, tile_stride: str = "half") -> int:
     """Denoiser inputs one draw of one image costs per condition: its tiles, or 1."""
     tile = training_tile(denoiser, images)
-    return 1 if tile is None else len(Tiling(*images.shape[-2:], tile).origins)
+    return 1 if tile is None else len(Tiling(*images.shape[-2:], tile, stride_of(tile, tile_stride)).origins)
 
 
 def label_scores_as_trained(denoiser: ConditionalDenoiser, images: torch.Tensor,
-                            preset: TypicalityPreset = PAPER, *, seed: int = 0, maps: bool = False) -> LabelScores:
-    """`label_scores`, through tiles of the training size when the images are larger than it."""
+                            preset: TypicalityPreset = PAPER, *, seed: int = 0, maps: bool = False,
+                            tile_stride: str = "half") -> LabelScores:
+    """`label_scores`, through tiles of the training size at the named stride when the images
+    are larger than it."""
     tile = training_tile(denoiser, images)
     if tile is None:
         return label_scores(denoiser, images, preset, seed=seed, maps=maps)
-    return tiled_label_scores(denoiser, images, preset, seed=seed, maps=maps, tile=tile)
+    return tiled_label_scores(denoiser, images, preset, seed=seed, maps=maps, tile=tile,
+                              stride=stride_of(tile, tile_stride))

@@ -110,6 +110,9 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
 
     from worker.engine import patches as P
 
+    # The features stage resumes from the parts it finds; parts of an earlier mining hold the
+    # features (and ids) of patches about to be replaced, so they go first.
+    shutil.rmtree(info.dir / "features", ignore_errors=True)
     shards = map_shards(info)
 
     def candidates():
@@ -487,7 +490,8 @@ def mine_trends(context: JobContext, info: RunInfo) -> None:
         batch = images[start:start + FEATURE_BATCH]
         paths = [context.settings.home_dir / members[0].stored_path for members in batch]
         for indices, pixels in load_view_groups(paths, info.view):
-            scores = label_scores_as_trained(denoiser, pixels, preset, seed=info.seed, maps=True)
+            scores = label_scores_as_trained(denoiser, pixels, preset, seed=info.seed, maps=True,
+                                             tile_stride=info.params.tile_stride)
             for members, maps in zip([batch[i] for i in indices], scores.maps):
                 values = scores_at_boxes(maps, [(m.x0, m.y0, m.x1, m.y1) for m in members],
                                          [(m.width, m.height) for m in members], view_size=info.view.size,

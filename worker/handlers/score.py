@@ -289,11 +289,14 @@ def compute_shard(denoiser, shard: list[Example] | StageTask, label_ids: list[in
     for indices, images in load_view_groups([e.path for e in examples], view):
         group = [examples[i] for i in indices]
         if bounds is None:
-            records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores))
+            records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores,
+                                            tile_stride=params.tile_stride))
         else:
-            records.update(staged_scores(denoiser, group, images, label_ids, preset, seed, scores, bounds, prior))
+            records.update(staged_scores(denoiser, group, images, label_ids, preset, seed, scores, bounds, prior,
+                                         tile_stride=params.tile_stride))
         if params.all_labels and prior is None:  # later stages refine the own labels' rows only
-            every_label_scores(denoiser, group, images, label_ids, preset, seed, scores, records)
+            every_label_scores(denoiser, group, images, label_ids, preset, seed, scores, records,
+                               tile_stride=params.tile_stride)
     scores.records = list(records.values())
     return scores
 
@@ -304,14 +307,16 @@ def own_label_rows(shard: list[Example]) -> list[tuple[int, int]]:
     return [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
 
 
-def own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores) -> dict:
+def own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores, *,
+                     tile_stride: str = "half") -> dict:
     """(image, label) -> record under each own label, its map added to `scores.maps`."""
     from worker.engine.data import multi_hot
     from worker.engine.tiles import passes_per_draw, typicality_as_trained
 
     rows = own_label_rows(shard)
     own = typicality_as_trained(denoiser, images[[i for i, _ in rows]],
-                                multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed)
+                                multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed,
+                                tile_stride=tile_stride)
     records = {}
     for r, (i, label) in enumerate(rows):
         image_id, label_id = shard[i].image_id, label_ids[label]
@@ -319,7 +324,7 @@ def own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: S
         records[(image_id, label_id)] = dict(
             image_id=image_id, label_id=label_id, typicality=float(own.scores[r]),
             std_error=float(own.stderr[r]), draws=int(own.draws[r]), loss=None, map_key=map_key(image_id, label_id))
-    scores.passes += len(rows) * preset.draws_used * 2 * passes_per_draw(denoiser, images)
+    scores.passes += len(rows) * preset.draws_used * 2 * passes_per_draw(denoiser, images, tile_stride)
     return records
 
 
@@ -329,7 +334,7 @@ DRAW_MAP_VALUES = 2 ** 25
 
 
 def staged_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores, bounds: dict,
-                  prior: dict | None) -> dict:
+                  prior: dict | None, *, tile_stride: str = "half") -> dict:
     """An adaptive stage: each own-label row scored up to `preset.prefix` draws, extending the
     draws it already has in `prior`, with its state (map sum, per-draw differences) and its box
     bounds added to `scores.state` and `scores.bounds`."""
@@ -340,7 +345,7 @@ def staged_scores(denoiser, shard, images, label_ids, preset, seed, scores: Shar
     from worker.engine.tiles import passes_per_draw, typicality_as_trained
     from worker.engine.typicality import standard_error
 
-    tiles = passes_per_draw(denoiser, images)
+    tiles = passes_per_draw(denoiser, images, tile_stride)
     by_start: dict[int, list] = {}  # rows grouped by the draws they already have
     for i, label in own_label_rows(shard):
         key = map_key(shard[i].image_id, label_ids[label])
@@ -354,7 +359,7 @@ def staged_scores(denoiser, shard, images, label_ids, preset, seed, scores: Shar
             part = rows[start:start + chunk]
             new = typicality_as_trained(denoiser, images[[i for i, *_ in part]],
                                         multi_hot([label for _, label, *_ in part], len(label_ids)), stage, seed=seed,
-                                        draw_maps=True)
+                                        draw_maps=True, tile_stride=tile_stride)
             states = [extend(None if had is None else torch.from_numpy(had[0]),
                              None if had is None else torch.from_numpy(had[1]), new.maps[r].cpu(),
                              new.differences[r].cpu()) for r, (*_, had) in enumerate(part)]
@@ -373,7 +378,7 @@ def staged_scores(denoiser, shard, images, label_ids, preset, seed, scores: Shar
 
 
 def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores,
-                       records: dict) -> None:
+                       records: dict, *, tile_stride="half") -> None:
     """Every image under every label (the diffusion-classifier view): a loss on every record,
     and a record and map (in `scores.other_maps`) for each label the image does not have.
 
@@ -387,8 +392,9 @@ def every_label_scores(denoiser, shard, images, label_ids, preset, seed, scores:
     """
     from worker.engine.tiles import label_scores_as_trained, passes_per_draw
 
-    everything = label_scores_as_trained(denoiser, images, preset, seed=seed, maps=True)
-    scores.passes += len(images) * preset.draws_used * (len(label_ids) + 1) * passes_per_draw(denoiser, images)
+    everything = label_scores_as_trained(denoiser, images, preset, seed=seed, maps=True, tile_stride=tile_stride)
+    scores.passes += (len(images) * preset.draws_used * (len(label_ids) + 1)
+                      * passes_per_draw(denoiser, images, tile_stride))
     every_map = everything.maps.cpu().numpy().astype(np.float16)  # [B, M, h, w]
     for i, example in enumerate(shard):
         for m, label_id in enumerate(label_ids):

@@ -80,7 +80,9 @@ def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int
         batch = groups[start:start + BATCH]
         for indices, pixels in load_view_groups([images[image_id][0] for image_id, _, _ in batch], info.view):
             conditions = multi_hot([label_index[batch[i][1]] for i in indices], len(info.labels))
-            result = typicality_as_trained(denoiser, pixels, conditions, preset, seed=info.seed, draw_maps=True)
+            # tiled as the score job tiled them, so the draws' maps are those of the scores
+            result = typicality_as_trained(denoiser, pixels, conditions, preset, seed=info.seed, draw_maps=True,
+                                           tile_stride=info.params.tile_stride)
             for i, draw_maps, used in zip(indices, result.draw_maps, result.draws.tolist()):
                 image_id, _, members = batch[i]
                 values = box_draw_values(draw_maps, [box for _, box in members], [images[image_id][1]] * len(members),

@@ -101,7 +101,8 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
                            per_image=_int(form, "per_image", 1, 100))
         run = RunParams(preset=form.get("preset") or "fast", seed=_int(form, "seed", 0, 2**31) or 0,
                         draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"],
-                        precision=form.get("precision") or "fp32", mine=mine)
+                        precision=form.get("precision") or "fp32",
+                        tile_stride=form.get("tile_stride") or None, mine=mine)
         config = {"steps": _int(form, "steps", 1, 10_000_000),
                   "resolution": _int(form, "resolution", 8, 4096),
                   "image_size": _int(form, "image_size", 8, 8192),
