@@ -145,9 +145,6 @@ def mine_patches(context: JobContext, info: RunInfo) -> None:
         best = P.top_per_label(candidates(), info.per_label + 1)
     cuts = {str(label_id): kept.pop()[0] for label_id, kept in best.items() if len(kept) > info.per_label}
     image_ids = sorted({image_id for kept in best.values() for _, (image_id, _) in kept})
-    # Feature parts name the patches they were computed for; new patches make them stale (and
-    # reused ids would silently give a patch another's features).
-    shutil.rmtree(info.dir / "features", ignore_errors=True)
     with session_scope(context.settings) as session:
         sizes = dict(((i, (w, h)) for i, w, h in session.execute(
             select(Image.id, Image.width, Image.height).where(Image.id.in_(image_ids)))))
