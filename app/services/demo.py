@@ -25,7 +25,7 @@ IMAGE_SIZE = 64
 #: (measured in docs/demo.md): at 64 px an emoji costs 9 tiles, so each label is mined from a
 #: seeded sample of its images (enough for its 100 patches, 5 per image). Year trends: the first
 #: 2 members of each cluster under all 11 years.
-MINING = RunParams(preset="fast", draws=4, images_per_label=60,
+MINING = RunParams(preset="fast", draws=4, images_per_label=40,
                    mine=MineOptions(per_label=100, clusters=8, trend_members=2, trend_draws=2))
 #: The recipe of the shipped weights, for `diffmine demo --retrain` (docs/demo.md): trained from
 #: scratch on a CPU, so with 10x the paper's learning rate.

@@ -101,8 +101,11 @@ def sampled_ids(label_ids: list[int], per_label: int, seed: int):
     """A query of the ids of at most `per_label` images of each label, in an order that is a
     seeded hash of the image id: the same seed picks the same images, computed in the database
     (a window per label), so no id list is held in memory."""
-    # Knuth's multiplicative hash modulo a prime below 2^32: stays within SQLite's 64-bit ints.
-    shuffled = (ImageLabel.image_id * 2654435761 + seed * 40503) % 4294967291
+    # A multiplicative hash modulo a prime below 2^32, its multiplier drawn from the seed (an
+    # added seed would only rotate the order); below 2^32 both, so the product fits in SQLite's
+    # 64-bit integers for any image id under 2^31.
+    multiplier = (2654435761 + seed * 2246822519) % 4294967291 or 1
+    shuffled = (ImageLabel.image_id * multiplier) % 4294967291
     ranked = (select(ImageLabel.image_id, func.row_number().over(
                   partition_by=ImageLabel.label_id, order_by=(shuffled, ImageLabel.image_id)).label("rank"))
               .where(ImageLabel.label_id.in_(label_ids)).subquery())
