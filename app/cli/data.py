@@ -18,6 +18,7 @@ def cmd_ingest(args, settings: Settings) -> dict:
                        path_column=args.path_column, label_columns=args.label_column or [],
                        bin_years=args.bin, multi_sep=args.multi_sep, holdout=args.holdout,
                        in_place=args.in_place, seed=args.seed, limit_per_label=args.limit_per_label,
+                       render_size=args.render_size,
                        min_images_per_label=args.min_per_label, plant_mark=args.plant_mark,
                        plant_fraction=args.plant_fraction, plant_size=args.plant_size)
     queued = queue_or_wait(args, settings, "ingest", params)
@@ -109,6 +110,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     ingest.add_argument("--in-place", action="store_true", help="reference a server folder, don't copy")
     ingest.add_argument("--seed", type=int, default=0)
     ingest.add_argument("--limit-per-label", type=int, help="builtin datasets: sample this many per label")
+    ingest.add_argument("--render-size", type=int, metavar="PX",
+                        help="builtin:twemoji: render its SVG emoji at PX x PX (default 72)")
 
     ingest.add_argument("--min-per-label", type=int, help="fewest images a label may have")
     ingest.add_argument("--plant-mark", metavar="LABEL",

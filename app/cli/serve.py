@@ -96,11 +96,14 @@ def start_worker(settings: Settings):
 def cmd_demo(args, settings: Settings) -> None:
     from app.ingest import ingest_dataset
     from app.services.datasets import dataset_by_name
-    from app.services.demo import DATASET, demo_jobs
+    from app.services.demo import DATASET, IMAGE_SIZE, demo_jobs
 
     settings = address_settings(args, settings)
     if dataset_by_name(settings, DATASET) is None:
+        # Rendered at the size it is mined at: the model sees resvg's own antialiasing, and the
+        # gallery crops are cut from the same pixels.
         result = ingest_dataset(settings, source="builtin:twemoji", name=DATASET, seed=args.seed,
+                                render_size=args.image_size or IMAGE_SIZE,
                                 progress=progress_bar("ingest", args.json)).as_json()
         if not args.json:
             print_ingested(result)
@@ -157,8 +160,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--retrain", action="store_true",
                       help="train the demo models from scratch with the shipped recipe")
     demo.add_argument("--image-size", type=int, metavar="N",
-                      help="mine the emoji at shorter side N (default 32, the shipped models' crops; "
-                           "larger sizes are scored through tiles of 32 px and cost more)")
+                      help="render and mine the emoji at N px (default 64, the shipped models' image "
+                           "size; they are scored through tiles of the models' 32 px crops, so larger "
+                           "sizes cost more: docs/demo.md)")
 
 
 def add_address_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,10 @@ class Entry:
     in_place_path: Path | None = None
     #: extra annotations (region boxes, a title) kept with the image
     extra: dict | None = field(default=None)
+    #: what the holdout draw sorts the image by (default: its pixels' sha256): a source whose
+    #: images can be made at several sizes gives a key that stays, so the same images are held
+    #: out at every size
+    holdout_key: Callable[[], str] | None = field(default=None)
 
 
 @dataclass

@@ -61,6 +61,7 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
                    path_column: str | None = None, label_columns: Iterable[str] = (),
                    bin_years: int | None = None, multi_sep: str = "|", holdout: float = 0.1,
                    in_place: bool = False, seed: int = 0, limit_per_label: int | None = None,
+                   render_size: int | None = None,
                    min_images_per_label: int | None = None, staging_key: str | None = None,
                    plant_mark: str | None = None, plant_fraction: float = 0.5,
                    plant_size: float = 0.3,
@@ -75,8 +76,12 @@ def ingest_dataset(settings: Settings, *, source: str, name: str, manifest: str 
 
         if source.startswith("builtin:"):
             entries, specs, close = builtin_source(source.removeprefix("builtin:"),
-                                                   limit_per_label=limit_per_label, seed=seed)
+                                                   limit_per_label=limit_per_label, seed=seed,
+                                                   render_size=render_size)
         else:
+            if render_size is not None:
+                raise IngestError("a render size applies to builtin:twemoji only (its SVGs), "
+                                  f"not to {source}")
             options = ManifestOptions(path_column=path_column, label_columns=list(label_columns),
                                       bin_years=bin_years, multi_sep=multi_sep)
             entries, specs, close = open_source(Path(source), manifest=Path(manifest) if manifest else None,
@@ -281,7 +286,7 @@ def _assign_holdout(kept: list[_Kept], primary_set: str, fraction: float, seed: 
         groups[min(item.entry.labels.get(primary_set) or [""])].append(item)
     rng = random.Random(seed)
     for label in sorted(groups):
-        members = sorted(groups[label], key=lambda k: k.sha256)
+        members = sorted(groups[label], key=lambda k: k.entry.holdout_key() if k.entry.holdout_key else k.sha256)
         rng.shuffle(members)
         count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) > 1 else 0
         for item in members[:count]:

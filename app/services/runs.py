@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.jobs import enqueue, lock_queue, pending_job
@@ -71,9 +71,11 @@ class Example:
 
 
 def examples(session: Session, settings: Settings, *, label_set_id: int, split: str | None = None,
-             after_id: int = 0, limit: int | None = None) -> list[Example]:
+             after_id: int = 0, limit: int | None = None, per_label: int | None = None,
+             seed: int = 0) -> list[Example]:
     """Images with their label indices in one label set, in image-id order. `after_id` and
-    `limit` read a dataset shard by shard, never all of it at once."""
+    `limit` read a dataset shard by shard, never all of it at once; `per_label`: only the images
+    of a seeded sample of at most that many per label (`sampled_ids`)."""
     labels = labels_of(session, label_set_id)
     index = {label.id: i for i, label in enumerate(labels)}
     ids = (select(ImageLabel.image_id).join(Image, Image.id == ImageLabel.image_id)
@@ -81,6 +83,8 @@ def examples(session: Session, settings: Settings, *, label_set_id: int, split: 
            .group_by(ImageLabel.image_id).order_by(ImageLabel.image_id))
     if split:
         ids = ids.where(Image.split == split)
+    if per_label is not None:
+        ids = ids.where(ImageLabel.image_id.in_(sampled_ids(list(index), per_label, seed)))
     if limit is not None:
         ids = ids.limit(limit)
     rows = session.execute(
@@ -93,6 +97,21 @@ def examples(session: Session, settings: Settings, *, label_set_id: int, split: 
         example = grouped.setdefault(image_id, Example(image_id, str(settings.home_dir / stored), []))
         example.label_indices.append(index[label_id])
     return list(grouped.values())
+
+
+def sampled_ids(label_ids: list[int], per_label: int, seed: int):
+    """A query of the ids of at most `per_label` images of each label, in an order that is a
+    seeded hash of the image id: the same seed picks the same images, computed in the database
+    (a window per label), so no id list is held in memory."""
+    # A multiplicative hash modulo a prime below 2^32, its multiplier drawn from the seed (an
+    # added seed would only rotate the order); below 2^32 both, so the product fits in SQLite's
+    # 64-bit integers for any image id under 2^31.
+    multiplier = (2654435761 + seed * 2246822519) % 4294967291 or 1
+    shuffled = (ImageLabel.image_id * multiplier) % 4294967291
+    ranked = (select(ImageLabel.image_id, func.row_number().over(
+                  partition_by=ImageLabel.label_id, order_by=(shuffled, ImageLabel.image_id)).label("rank"))
+              .where(ImageLabel.label_id.in_(label_ids)).subquery())
+    return select(ranked.c.image_id).where(ranked.c.rank <= per_label)
 
 
 # --- launching work: rows first, then the job that fills them --------------------------------

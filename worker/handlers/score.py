@@ -31,7 +31,7 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from app.db import session_scope
 from app.models import ImageLabel, ImageScore, MiningRun
 from app.params import RunParams
-from app.services.runs import Example, examples, load_run
+from app.services.runs import Example, examples, load_run, sampled_ids
 from app.settings import Settings
 from worker.context import JobContext
 from worker.executors import executor
@@ -64,8 +64,12 @@ def run_score(context: JobContext) -> dict:
     with session_scope(settings) as session:
         record = load_run(session, settings, run_id)
         session.get(MiningRun, run_id).status = "scoring"
-        total = session.scalar(select(func.count(func.distinct(ImageLabel.image_id)))
-                               .where(ImageLabel.label_id.in_(record.label_ids)))
+        counted = (select(func.count(func.distinct(ImageLabel.image_id)))
+                   .where(ImageLabel.label_id.in_(record.label_ids)))
+        if record.params.images_per_label is not None:
+            counted = counted.where(ImageLabel.image_id.in_(
+                sampled_ids(record.label_ids, record.params.images_per_label, record.params.seed)))
+        total = session.scalar(counted)
     maps_dir = settings.runs_dir / str(run_id) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
     view = run_view(record)
@@ -84,7 +88,7 @@ def run_score(context: JobContext) -> dict:
         write_shard(settings, shard, path, run_id=run_id, scores=scores)
         passes += scores.passes
 
-    done = run_pieces(context, shards(settings, record.label_set_id, record.params.shard_size, maps_dir),
+    done = run_pieces(context, shards(settings, record.label_set_id, record.params, maps_dir),
                       stage_executor(stages[0] if stages else None), write,
                       stage="score", message="{done}/{total} images", size=len, total=total)
     result = {"run": run_id, "images": done}
@@ -142,7 +146,7 @@ def adaptive_stages(context: JobContext, record, maps_dir: Path, stages, stage_e
         target = next_stage_draws(stages, stage)
         todo = {int(key.split("_")[0]) for key in still_open if draws[key] < target}
         pieces = ((bounds_file(path, stage), stage_task(path, subset, stage, record.label_ids))
-                  for path, shard in shards(settings, record.label_set_id, params.shard_size, maps_dir)
+                  for path, shard in shards(settings, record.label_set_id, params, maps_dir)
                   if (subset := [e for e in shard if e.image_id in todo]))
         passes = 0
 
@@ -239,14 +243,14 @@ def preset_for(params: RunParams, denoiser):
     return preset
 
 
-def shards(settings: Settings, label_set_id: int, size: int, maps_dir: Path):
-    """(map file, examples) of every shard in image-id order, read from the database a page at
-    a time."""
+def shards(settings: Settings, label_set_id: int, params: RunParams, maps_dir: Path):
+    """(map file, examples) of every shard in image-id order (of the run's sample per label, if
+    it has one), read from the database a page at a time."""
     after_id = 0
     while True:
         with session_scope(settings) as session:
             shard = examples(session, settings, label_set_id=label_set_id, after_id=after_id,
-                             limit=size)
+                             limit=params.shard_size, per_label=params.images_per_label, seed=params.seed)
         if not shard:
             return
         yield maps_dir / f"shard-{shard[0].image_id:09d}.npz", shard
