@@ -27,7 +27,7 @@ def test_jobs_run_side_by_side_and_the_workers_stop(mined_settings):
 
 
 def test_a_run_scores_a_seeded_sample_of_each_label(mined_settings):
-    """`images_per_label` (the demo's way to afford 64 px): the score job scores at most that many
+    """`images_per_label` (a way to afford large images): the score job scores at most that many
     images of each label, the same ones for the same seed."""
     with session_scope(mined_settings) as session:
         launched = [launch_score(session, model_id=1, params=RunParams(preset="fast", draws=2, seed=seed,
@@ -48,8 +48,8 @@ def test_a_run_scores_a_seeded_sample_of_each_label(mined_settings):
 
 
 def test_the_demo_mines_at_the_image_size_asked_for(tmp_path):
-    """`diffmine demo --image-size N`: the shipped models (32 px crops of the emoji at 64 px),
-    their runs scored at N; a run mined at another size does not count as this demo's."""
+    """`diffmine demo --image-size N`: the shipped models (the emoji whole at 32 px), their runs
+    scored at N; a run mined at another size does not count as this demo's."""
     from app.ingest import ingest_dataset
     from app.models import LabelSet, TrainedModel
     from app.services.demo import demo_jobs, ready_run
@@ -57,16 +57,15 @@ def test_the_demo_mines_at_the_image_size_asked_for(tmp_path):
 
     settings = Settings(home=tmp_path / "home")
     ingest_dataset(settings, source="builtin:twemoji", name="twemoji", limit_per_label=8,
-                   min_images_per_label=1, render_size=64)
+                   min_images_per_label=1)
     with session_scope(settings) as session:
         jobs = demo_jobs(session, settings, retrain=False, image_size=48)
         runs = session.query(MiningRun).all()
         assert len(jobs) == len(runs) == 3  # category, year, region
         assert all(RunParams.model_validate(r.params).image_size == 48 for r in runs)
-        assert all(RunParams.model_validate(r.params).images_per_label == 40 for r in runs)
         models = [session.get(TrainedModel, run.model_id) for run in runs]
         assert [session.get(LabelSet, m.label_set_id).name for m in models] == ["category", "year", "region"]
-        assert all(m.config["resolution"] == 32 and m.config["image_size"] == 64 and m.status == "ready"
+        assert all(m.config["resolution"] == 32 and m.config["image_size"] == 32 and m.status == "ready"
                    for m in models)
         model = models[0]
         runs[0].status = "ready"

@@ -96,14 +96,13 @@ def start_worker(settings: Settings):
 def cmd_demo(args, settings: Settings) -> None:
     from app.ingest import ingest_dataset
     from app.services.datasets import dataset_by_name
-    from app.services.demo import DATASET, IMAGE_SIZE, demo_jobs
+    from app.services.demo import DATASET, RENDER_SIZE, demo_jobs
 
     settings = address_settings(args, settings)
     if dataset_by_name(settings, DATASET) is None:
-        # Rendered at the size it is mined at: the model sees resvg's own antialiasing, and the
-        # gallery crops are cut from the same pixels.
+        # Rendered at least at the size it is mined at, so the model never sees upscaled pixels
         result = ingest_dataset(settings, source="builtin:twemoji", name=DATASET, seed=args.seed,
-                                render_size=args.image_size or IMAGE_SIZE,
+                                render_size=max(args.image_size or 0, RENDER_SIZE),
                                 progress=progress_bar("ingest", args.json)).as_json()
         if not args.json:
             print_ingested(result)
@@ -160,9 +159,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--retrain", action="store_true",
                       help="train the demo models from scratch with the shipped recipe")
     demo.add_argument("--image-size", type=int, metavar="N",
-                      help="render and mine the emoji at N px (default 64, the shipped models' image "
-                           "size; they are scored through tiles of the models' 32 px crops, so larger "
-                           "sizes cost more: docs/demo.md)")
+                      help="mine the emoji at N px (default: the shipped models' 32 px; larger sizes are "
+                           "scored through tiles of the models' 32 px crops and cost more: docs/demo.md)")
 
 
 def add_address_flags(parser: argparse.ArgumentParser) -> None:

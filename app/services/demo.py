@@ -1,6 +1,6 @@
-"""The demo: the builtin Twemoji dataset rendered at 64 px, mined by category, by year and (its
-flags) by world region with the shipped weights (demo/weights, trained by
-bench/train_demo_model.py on 32 px crops of the emoji at 64 px; recipe in docs/demo.md)."""
+"""The demo: the builtin Twemoji dataset mined by category, by year and (its flags) by world
+region with the shipped weights (demo/weights, trained by bench/train_demo_model.py; recipes and
+the sizes tried in docs/demo.md)."""
 from __future__ import annotations
 
 import json
@@ -17,19 +17,16 @@ from app.settings import REPO_ROOT, Settings
 DATASET = "twemoji"
 LABEL_SETS = ("category", "year", "region")
 WEIGHTS = REPO_ROOT / "demo" / "weights"
-#: The side the emoji are rendered at and scored at (N): 32 px crops (R) at 64 px show each
-#: emoji's parts at twice the old 32 px squeeze's detail; the table in docs/demo.md has the cost
-#: of each size.
-IMAGE_SIZE = 64
+#: The emoji are rendered at the package PNGs' 72 px: the gallery crops are cut from those pixels,
+#: and the shipped models see each emoji whole at their own 32 px. 64 px models on 32 px crops
+#: were trained on a CPU this session and classified worse (docs/demo.md, "Choosing the size").
+RENDER_SIZE = 72
 #: Chosen so the whole demo, install included, stays under 10 minutes on 2 CPU cores
-#: (measured in docs/demo.md): at 64 px an emoji costs 9 tiles, so each label is mined from a
-#: seeded sample of its images (enough for its 100 patches, 5 per image). Year trends: the first
-#: 2 members of each cluster under all 11 years.
-MINING = RunParams(preset="fast", draws=4, images_per_label=40,
-                   mine=MineOptions(per_label=100, clusters=8, trend_members=2, trend_draws=2))
-#: The recipe of the shipped weights, for `diffmine demo --retrain` (docs/demo.md): trained from
-#: scratch on a CPU, so with 10x the paper's learning rate.
-RECIPE = dict(size="small", resolution=32, image_size=IMAGE_SIZE, steps=2000, batch_size=64, lr=1e-3, seed=0)
+#: (measured in docs/demo.md). Year trends: 3 members per cluster under all 11 years, 4 draws.
+MINING = RunParams(preset="fast", draws=4, mine=MineOptions(per_label=100, clusters=8, trend_members=3,
+                                                           trend_draws=4))
+#: The recipe of the shipped category and year weights, for `diffmine demo --retrain`.
+RECIPE = dict(size="small", resolution=32, steps=2000, batch_size=256, seed=0)  # a pixel model
 
 
 def ready_run(session: Session, label_set_id: int, image_size: int | None = None) -> MiningRun | None:
@@ -70,7 +67,7 @@ def demo_jobs(session: Session, settings: Settings, *, retrain: bool, image_size
             continue
         if retrain:
             model = create_model(session, settings, dataset=dataset, label_set=label_set,
-                                 backend="pixel", config=dict(RECIPE, image_size=image_size or IMAGE_SIZE))
+                                 backend="pixel", config=dict(RECIPE, image_size=image_size))
         else:
             model = shipped_model(session, settings, label_set)
         run = new_run(session, model_id=model.id,
