@@ -2,11 +2,14 @@
 that answer, job rows."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -98,3 +101,23 @@ def kill_started() -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+@contextmanager
+def served(home: Path, log: Path, **environment: str) -> Iterator[str]:
+    """`diffmine serve` over the data in `home` on a free port, in a subprocess: its base URL,
+    the server stopped on the way out. `environment`: more variables for the server."""
+    port = free_port()
+    env = dict(os.environ, DIFFMINE_HOME=str(home), DIFFMINE_PORT=str(port), **environment)
+    web = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
+                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(base, web, log=log)
+        yield base
+    finally:
+        web.terminate()
+        try:
+            web.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            web.kill()

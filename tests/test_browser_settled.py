@@ -3,13 +3,11 @@ how settled the ranking is: each cluster's stability, each patch's standard erro
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.helpers import free_port, wait_for_server
+from tests.helpers import served
 from tests.test_browser import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (the browser fixture)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get("DIFFMINE_REQUIRE_BROWSER") != "1",
@@ -18,22 +16,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get(
 
 @pytest.fixture
 def mined_server(mined_settings, tmp_path):
-    port = free_port()
-    env = dict(os.environ, DIFFMINE_HOME=str(mined_settings.home_dir), DIFFMINE_PORT=str(port),
-               OMP_NUM_THREADS="1")
-    log = tmp_path / "web.log"
-    web = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
-                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(base, web, log=log)
+    with served(mined_settings.home_dir, tmp_path / "web.log", OMP_NUM_THREADS="1") as base:
         yield base
-    finally:
-        web.terminate()
-        try:
-            web.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            web.kill()
 
 
 def test_gallery_and_cluster_pages_show_how_settled_the_ranking_is(mined_server, browser):  # noqa: F811

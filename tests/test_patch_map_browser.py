@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 
 import pytest
 
-from tests.helpers import free_port, wait_for_server, wait_until
+from tests.helpers import served, wait_until
 from tests.mined import copy_mined_home
 from tests.test_browser import ARTIFACTS, CHROMIUM, browser  # noqa: F401 (the browser fixture)
 
@@ -22,21 +20,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and os.environ.get(
 @pytest.fixture(scope="module")
 def server(mined_template, tmp_path_factory):
     home = copy_mined_home(mined_template, tmp_path_factory.mktemp("map-browser") / "home")
-    port = free_port()
-    env = dict(os.environ, DIFFMINE_HOME=str(home), DIFFMINE_PORT=str(port))
-    log = home.parent / "web.log"
-    web = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
-                           stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(base, web, log=log)
+    with served(home, home.parent / "web.log") as base:
         yield base
-    finally:
-        web.terminate()
-        try:
-            web.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            web.kill()
 
 
 def get_json(url: str):
