@@ -18,15 +18,19 @@ from worker.handlers.score import compute_shard
 PARAMS = RunParams(preset="fast", draws=4, seed=0)
 
 
-def shard(tmp_path) -> list[Example]:
-    rng = np.random.default_rng(0)
-    sizes = [(64, 32), (32, 32), (48, 32)]  # (W, H): 2:1, square, 3:2
+def noise_shard(tmp_path, sizes, *, seed: int, prefix: str = "") -> list[Example]:
+    """Random-noise images of the given (W, H) sizes, labelled 0, 1, 0..."""
+    rng = np.random.default_rng(seed)
     examples = []
     for i, size in enumerate(sizes):
-        path = tmp_path / f"{i}.png"
+        path = tmp_path / f"{prefix}{i}.png"
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
         examples.append(Example(image_id=i + 1, path=str(path), label_indices=[i % 2]))
     return examples
+
+
+def shard(tmp_path) -> list[Example]:
+    return noise_shard(tmp_path, [(64, 32), (32, 32), (48, 32)], seed=0)  # 2:1, square, 3:2
 
 
 def test_a_non_square_image_gets_a_full_width_map(tmp_path):
@@ -81,14 +85,8 @@ def sd_model(tmp_path_factory):
 
 
 def sd_shard(tmp_path) -> list[Example]:
-    rng = np.random.default_rng(1)
-    sizes = [(150, 75), (64, 64), (97, 64)]  # (W, H): 2:1, square, ~3:2 (rounds to 128 x 64)
-    examples = []
-    for i, size in enumerate(sizes):
-        path = tmp_path / f"sd{i}.png"
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-        examples.append(Example(image_id=i + 1, path=str(path), label_indices=[i % 2]))
-    return examples
+    # 2:1, square, ~3:2 (rounds to 128 x 64)
+    return noise_shard(tmp_path, [(150, 75), (64, 64), (97, 64)], seed=1, prefix="sd")
 
 
 def test_stable_diffusion_maps_cover_the_whole_image(sd_model, tmp_path):
