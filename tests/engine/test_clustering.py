@@ -167,3 +167,12 @@ def test_trend_medians_peaks_and_direction():
     np.testing.assert_allclose(trend_direction(curves[:2]), [1.0, -1.0])
     assert trend_direction([1.0, 2.0, 3.0]) == pytest.approx(1.0)
     np.testing.assert_allclose(trend(per_label), np.median(per_label, axis=0))
+
+
+def test_a_zero_feature_row_is_no_ones_lookalike():
+    """Centred on the run's mean, a run of one patch has a zero feature row: no error, no match."""
+    from worker.engine.clustering import exclude_lookalikes
+
+    features = np.array([[0.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    assert exclude_lookalikes(features, features[1:]).tolist() == [False, True]
+    assert exclude_lookalikes(features, features[:1]).tolist() == [False, False]

@@ -283,8 +283,10 @@ def exclude_lookalikes(features: np.ndarray, artifact_features: np.ndarray, thre
     Marking a few patches as artifacts (scanner borders, watermarks) then drops every look-alike
     from every label's ranking and re-clustering, without rescoring any image.
     """
-    unit = _normalise(_as_float32_rows(features, "features"))
-    artifacts = _normalise(_as_float32_rows(artifact_features, "artifact_features"))
+    # Centred features can be zero (a run of one patch, or a patch at the run's mean): such a row
+    # has no direction, so it is no one's look-alike.
+    unit = _normalise(_as_float32_rows(features, "features"), allow_zero=True)
+    artifacts = _normalise(_as_float32_rows(artifact_features, "artifact_features"), allow_zero=True)
     if len(artifacts) == 0:
         return np.zeros(len(unit), dtype=bool)
     if artifacts.shape[1] != unit.shape[1]:
