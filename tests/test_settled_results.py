@@ -117,3 +117,9 @@ def test_support_share_zero_ranks_by_the_plain_median_and_a_bad_share_changes_no
             assert [c.ranking_typicality for c in clusters] == [c.median_typicality for c in clusters]
             medians = [c.median_typicality for c in clusters]
             assert medians == sorted(medians, reverse=True)
+    # Clustering again takes a new share without mining again
+    diffmine_in_process(capsys, "mine", "1", "--recluster", "--support-share", "0.5", home=home)
+    with session_scope(mined_settings) as session:
+        assert session.get(MiningRun, 1).params["mine"]["support_share"] == 0.5
+        shrunk = session.scalars(select(Cluster)).all()
+        assert any(c.ranking_typicality != c.median_typicality for c in shrunk)

@@ -58,7 +58,8 @@ def cmd_mine(args, settings: Settings) -> dict:
 
     if args.recluster:
         launch = lambda session: launch_recluster(  # noqa: E731
-            session, run_id=args.run, lookalike_threshold=args.lookalike_threshold).id
+            session, run_id=args.run, lookalike_threshold=args.lookalike_threshold,
+            support_share=args.support_share).id
     else:
         launch = lambda session: launch_mine(session, run_id=args.run, mine=mine_options(args)).id  # noqa: E731
     result = run_job(args, settings, create_rows(settings, launch), "mine")
@@ -156,7 +157,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     mine.add_argument("run", type=int, help="run id (from diffmine score)")
     add_mine_flags(mine)
     mine.add_argument("--recluster", action="store_true",
-                      help="only cluster again, leaving out look-alikes of artifact clusters")
+                      help="only cluster again, leaving out look-alikes of artifact clusters "
+                           "(takes --lookalike-threshold and --support-share)")
     add_queue_flags(mine)
 
     artifact = sub.add_parser("artifact", parents=[common],

@@ -219,17 +219,20 @@ def launch_mine(session: Session, *, run_id: int, mine: MineOptions) -> Job:
     return enqueue(session, kind="mine", params={"run_id": run.id})
 
 
-def launch_recluster(session: Session, *, run_id: int, lookalike_threshold: float | None = None) -> Job:
+def launch_recluster(session: Session, *, run_id: int, lookalike_threshold: float | None = None,
+                     support_share: float | None = None) -> Job:
     """Clusters (and trends) again, leaving out look-alikes of the run's artifact clusters
-    (cosine above `lookalike_threshold`, if given, else the run's or the default 0.6).
+    (cosine above `lookalike_threshold`, if given, else the run's or the default 0.6), and ranked
+    with `support_share` if given (else the run's).
 
     Patches, features and crops are kept: no image is rescored or re-embedded."""
     lock_queue(session)
     run = run_past(session, run_id, "features", "has no features yet; run: diffmine mine")
     params = run.params
-    if lookalike_threshold is not None:
-        mine = MineOptions.model_validate({**run.params.get("mine", {}),
-                                           "lookalike_threshold": lookalike_threshold})
+    changes = {name: value for name, value in (("lookalike_threshold", lookalike_threshold),
+                                               ("support_share", support_share)) if value is not None}
+    if changes:
+        mine = MineOptions.model_validate({**run.params.get("mine", {}), **changes})
         params = {**run.params, "mine": mine.given()}
     if (job := _mining_job(session, run, params)) is not None:
         return job
