@@ -42,6 +42,25 @@ def crop_path(run_id: int, image_sha256: str, box: tuple[int, int, int, int]) ->
     return f"runs/{run_id}/crops/{image_sha256[:20]}-{'-'.join(str(int(v)) for v in box)}.png"
 
 
+#: the longer side of a gallery crop, px
+CROP_PX = 96
+
+
+def save_crop(image, box: tuple[int, int, int, int], target: Path) -> None:
+    """Cut `box` from an RGB PIL image, shrink it to at most CROP_PX, and write it to `target`
+    aside and renamed: the worker's crops stage and the web's on-demand crop can write one name
+    at once, and /files serves it as immutable, so no reader may see half a file."""
+    from PIL import Image
+
+    crop = image.crop(box)
+    if max(crop.size) > CROP_PX:
+        crop.thumbnail((CROP_PX, CROP_PX), Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_suffix(f".{os.getpid()}.tmp")
+    crop.save(temporary, format="PNG")
+    os.replace(temporary, target)
+
+
 def map_folder(run_dir: Path) -> Path:
     return run_dir / MAP_DIR
 

@@ -52,6 +52,9 @@ def test_runs_folder_serves_pictures_only(mined_settings, client):
     # Named by image and box, so a patch id reused by a later mining can't bring back a cached crop
     box = client.get("/patches/1.json").json()["box"]
     assert relative.endswith("-" + "-".join(map(str, box)) + ".png")
+    # written aside and renamed (app/run_files.save_crop): nothing half-written is left behind
+    crops = list((mined_settings.home_dir / relative).parent.iterdir())
+    assert crops and all(p.suffix == ".png" for p in crops)
     crop = client.get(f"/files/{relative}")
     assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
     assert crop.content == (mined_settings.home_dir / relative).read_bytes()

@@ -2,7 +2,6 @@
 the run's FAISS index of patch features (read here with faiss and numpy only: no torch)."""
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -12,13 +11,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Cluster, ClusterMember, Image, Label, Patch
-from app.run_files import crop_path
+from app.run_files import crop_path, save_crop
 from app.services.galleries import _PATCH_COLUMNS, patch_json
 from app.services.images import stored_file
 from app.settings import Settings
 
 SIMILAR_K = 24
-CROP_PX = 96
 
 
 def patch_info(session: Session, *, patch_id: int) -> dict | None:
@@ -122,11 +120,5 @@ def crop_file(settings: Settings, session: Session, *, patch_id: int) -> Path | 
     if source is None:
         return None
     with PILImage.open(source) as image:
-        crop = to_rgb(image).crop((row.x0, row.y0, row.x1, row.y1))
-    if max(crop.size) > CROP_PX:
-        crop.thumbnail((CROP_PX, CROP_PX), PILImage.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_suffix(f".{os.getpid()}.tmp")
-    crop.save(temporary, format="PNG")
-    os.replace(temporary, target)
+        save_crop(to_rgb(image), (row.x0, row.y0, row.x1, row.y1), target)
     return target

@@ -21,7 +21,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from app.db import session_scope
 from app.models import Cluster, ClusterMember, Image, MiningRun, Patch
-from app.run_files import crop_path
+from app.run_files import crop_path, save_crop
 from app.services.runs import load_run
 from worker.context import JobContext
 from worker.handlers.run_views import mine_label_scores, mine_map
@@ -29,7 +29,6 @@ from worker.models import load_trained, run_view
 
 STAGES = ("patches", "settle", "features", "clusters", "crops", "trends", "label_scores", "map")
 FEATURE_BATCH = 16
-CROP_PX = 96
 
 
 class RunInfo:
@@ -430,8 +429,6 @@ def mine_crops(context: JobContext, info: RunInfo) -> None:
 
     from app.ingest.images import to_rgb
 
-    crops_dir = info.dir / "crops"
-    crops_dir.mkdir(parents=True, exist_ok=True)
     with session_scope(context.settings) as session:
         rows = session.execute(select(Patch.id, Patch.x0, Patch.y0, Patch.x1, Patch.y1,
                                       Image.stored_path, Image.sha256).join(Image, Image.id == Patch.image_id)
@@ -441,11 +438,8 @@ def mine_crops(context: JobContext, info: RunInfo) -> None:
         if stored != current:
             current = stored
             image = to_rgb(PILImage.open(context.settings.home_dir / stored))
-        crop = image.crop((x0, y0, x1, y1))
-        if max(crop.size) > CROP_PX:
-            crop.thumbnail((CROP_PX, CROP_PX), PILImage.Resampling.LANCZOS)
         relative = crop_path(info.run_id, sha256, (x0, y0, x1, y1))
-        crop.save(context.settings.home_dir / relative)
+        save_crop(image, (x0, y0, x1, y1), context.settings.home_dir / relative)
         updates.append({"id": patch_id, "crop_path": relative})
         if number % 500 == 0:
             context.progress(number, len(rows), "gallery crops", stage="crops")
