@@ -4,6 +4,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -123,3 +124,40 @@ def test_support_share_zero_ranks_by_the_plain_median_and_a_bad_share_changes_no
         assert session.get(MiningRun, 1).params["mine"]["support_share"] == 0.5
         shrunk = session.scalars(select(Cluster)).all()
         assert any(c.ranking_typicality != c.median_typicality for c in shrunk)
+
+
+def test_standard_errors_read_from_the_score_jobs_draws_equal_a_scoring_again(mined_settings, capsys):
+    """The settle stage reads each patch's per-draw values from the block maps the score job
+    kept (here blocks of 1 px: the run's 32 px boxes are 6 px); without them it scores the
+    images again with the run's draws. Both give the same standard errors."""
+    import shutil
+
+    from tests.cli_helpers import diffmine_in_process
+
+    home = mined_settings.home_dir
+    kept = sorted((home / "runs" / "1" / "maps" / "draws").glob("shard-*.npz"))
+    assert kept, "the score job kept no per-draw blocks"
+
+    def stderrs():
+        with session_scope(mined_settings) as session:
+            rows = session.execute(select(Patch.image_id, Patch.label_id, Patch.x0, Patch.y0, Patch.score_stderr)
+                                   .where(Patch.run_id == 1)).all()
+        return {tuple(row[:4]): row[4] for row in rows}
+
+    from_blocks = stderrs()
+    mine = ["mine", "1", "--per-label", "20", "--clusters", "3"]
+    # Read from the blocks: blocks three times as spread give errors three times as large
+    for file in kept:
+        with np.load(file) as data:
+            arrays = {key: data[key] * (1 if key.endswith(":shape") else 3) for key in data.files}
+        np.savez(file, **arrays)
+    diffmine_in_process(capsys, *mine, home=home)
+    for box, error in stderrs().items():
+        assert error == pytest.approx(3 * from_blocks[box], rel=0.02)
+    # Without them, scored again
+    shutil.rmtree(home / "runs" / "1" / "maps" / "draws")
+    diffmine_in_process(capsys, *mine, home=home)
+    rescored = stderrs()
+    assert rescored.keys() == from_blocks.keys() and len(rescored) > 10
+    for box, error in rescored.items():
+        assert from_blocks[box] == pytest.approx(error, rel=0.02)  # float16 blocks

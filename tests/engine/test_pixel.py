@@ -90,3 +90,20 @@ def test_64px_model_has_one_more_level_and_bad_sizes_fail():
         unet_config(48)
     with pytest.raises(ValueError):
         unet_config(32, size="huge")
+
+
+def test_block_output_stops_the_pass_at_the_block_with_the_same_features(tiny_denoiser, images):
+    timesteps, conditions = torch.tensor([161] * 3), tiny_denoiser.condition([0, 1, 0])
+    with torch.no_grad(), tiny_denoiser.capture("up_blocks.1") as full_pass:
+        tiny_denoiser.predict_noise(images, timesteps, conditions)
+    ran_after = []
+    handle = tiny_denoiser.unet.get_submodule("up_blocks.2").register_forward_hook(lambda *a: ran_after.append(1))
+    try:
+        with torch.no_grad():
+            stopped = tiny_denoiser.block_output("up_blocks.1", images, timesteps, conditions)
+    finally:
+        handle.remove()
+    assert torch.equal(stopped, full_pass[0])
+    assert not ran_after  # the blocks after it never ran
+    with pytest.raises(AttributeError):
+        tiny_denoiser.block_output("up_blocks.9", images, timesteps, conditions)

@@ -163,3 +163,20 @@ def test_fresh_iid_draws_stand_in_for_the_papers_hundred():
     assert errors.mean().item() == pytest.approx(3.0 / 10, rel=0.05)
     with pytest.raises(ValueError):
         box_standard_errors(values, 24, "stratified", score_draws=100)
+
+
+def test_block_maps_keep_box_means_of_aligned_boxes_and_edge_blocks_average_their_own_pixels():
+    from worker.engine.settled import pool_draw_maps, unpool_draw_maps
+
+    maps = torch.arange(2 * 3 * 10 * 13, dtype=torch.float32).reshape(2, 3, 10, 13)
+    assert torch.equal(pool_draw_maps(maps, 1), maps)
+    blocks = pool_draw_maps(maps, 4)
+    assert blocks.shape == (2, 3, 3, 4)
+    assert blocks[0, 0, 0, 0] == maps[0, 0, :4, :4].mean()
+    assert blocks[1, 2, 2, 3] == maps[1, 2, 8:, 12:].mean()  # a 2 x 1 edge block
+    back = unpool_draw_maps(blocks, 4, (10, 13))
+    assert back.shape == maps.shape
+    # a box on block edges pools to the same mean from the blocks as from the maps
+    assert back[..., 4:8, 0:8].mean(dim=(-2, -1)).allclose(maps[..., 4:8, 0:8].mean(dim=(-2, -1)))
+    with pytest.raises(ValueError, match="do not cover"):
+        unpool_draw_maps(blocks, 4, (13, 13))

@@ -73,12 +73,7 @@ def dift_feature_map(denoiser: ConditionalDenoiser, images: torch.Tensor, condit
             image, draw = part.unbind(dim=1)
             timesteps = torch.full((len(part),), timestep, dtype=torch.long, device=device)
             noisy = denoiser.scheduler.add_noise(latents[image], noise[draw], timesteps)
-            with denoiser.capture(module) as outputs:
-                denoiser.predict_noise(noisy, timesteps, conditions[image])
-            if len(outputs) != 1:
-                raise RuntimeError(f"{module} ran {len(outputs)} times in one forward pass; "
-                                   "DIFT needs a block that runs exactly once")
-            features = outputs[0].float()
+            features = denoiser.block_output(module, noisy, timesteps, conditions[image]).float()
             if sums is None:
                 sums = torch.zeros(len(latents), *features.shape[1:], device=device)
             sums.index_add_(0, image, features)

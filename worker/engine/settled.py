@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.special import ndtr
 
 from .patches import scores_at_boxes
@@ -50,6 +51,37 @@ def settle_preset(preset: TypicalityPreset) -> tuple[TypicalityPreset, int | Non
         return preset, None
     # An adaptive preset's stages are how its score was reached, not part of the draws' law
     return preset.with_(draws=SETTLE_DRAWS, round_size=None, stages=None, prefix=None, skip=0), preset.draws
+
+
+def block_size(patch_size: int) -> int:
+    """Side of the blocks a run's per-draw maps are kept at for standard errors: a quarter of
+    the box side, so a box spans four blocks or more a side and its per-draw value from blocks
+    is within an edge block of the exact one (a spread needs no more)."""
+    return max(1, patch_size // 4)
+
+
+def pool_draw_maps(draw_maps: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-draw maps [..., h, w] -> block means [..., ceil(h / block), ceil(w / block)]; edge
+    blocks are means over the pixels they hold."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    *lead, height, width = draw_maps.shape
+    flat = draw_maps.reshape(-1, 1, height, width).float()
+    pad = (0, -width % block, 0, -height % block)
+    sums = F.avg_pool2d(F.pad(flat, pad), block, divisor_override=1)
+    counts = F.avg_pool2d(F.pad(torch.ones_like(flat[:1]), pad), block,
+                                            divisor_override=1)
+    return (sums / counts).reshape(*lead, *sums.shape[-2:])
+
+
+def unpool_draw_maps(blocks: torch.Tensor, block: int, shape: Sequence[int]) -> torch.Tensor:
+    """`pool_draw_maps` undone as far as it can be: [..., hb, wb] -> [..., h, w], each pixel its
+    block's mean, so that `box_draw_values` pools boxes from them as from the maps."""
+    height, width = map(int, shape)
+    grown = blocks.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+    if grown.shape[-2] < height or grown.shape[-1] < width:
+        raise ValueError(f"blocks {tuple(blocks.shape[-2:])} of {block} px do not cover {height}x{width}")
+    return grown[..., :height, :width]
 
 
 def box_draw_values(draw_maps: torch.Tensor, boxes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]],

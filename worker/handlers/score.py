@@ -55,6 +55,10 @@ class ShardScores:
     #: adaptive: map key -> (map sum, per-draw differences) of all the row's draws, which a
     #: later stage extends
     state: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: map key -> the row's per-draw maps as block means [draws, hb, wb] (float16), the draws
+    #: the settle stage reads standard errors from (worker/engine/settled.py); key + ":shape"
+    #: -> [h, w, block] of its map
+    draw_blocks: dict[str, np.ndarray] = field(default_factory=dict)
     #: denoiser inputs spent (rows x draws x conditions x tiles)
     passes: int = 0
 
@@ -294,7 +298,7 @@ def compute_shard(denoiser, shard: list[Example] | StageTask, label_ids: list[in
         group = [examples[i] for i in indices]
         if bounds is None:
             records.update(own_label_scores(denoiser, group, images, label_ids, preset, seed, scores,
-                                            tile_stride=params.tile_stride))
+                                            tile_stride=params.tile_stride, block=draw_block(params, view)))
         else:
             records.update(staged_scores(denoiser, group, images, label_ids, preset, seed, scores, bounds, prior,
                                          tile_stride=params.tile_stride))
@@ -311,30 +315,53 @@ def own_label_rows(shard: list[Example]) -> list[tuple[int, int]]:
     return [(i, label) for i, e in enumerate(shard) for label in e.label_indices]
 
 
+#: Scoring that keeps every draw's map: rows are scored in chunks of at most this many
+#: per-draw map values, about 256 MiB (float32, the maps and their tiles' copies).
+DRAW_MAP_VALUES = 2 ** 25
+
+
+def draw_block(params: RunParams, view) -> int:
+    """Block side of the per-draw maps kept for the settle stage, from the run's box side."""
+    from worker.engine.patches import default_patch_size
+    from worker.engine.settled import block_size
+
+    return block_size(params.mine.patch_size or default_patch_size(view.size))
+
+
 def own_label_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores, *,
-                     tile_stride: str = "half") -> dict:
-    """(image, label) -> record under each own label, its map added to `scores.maps`."""
+                     tile_stride: str = "half", block: int | None = None) -> dict:
+    """(image, label) -> record under each own label, its map added to `scores.maps`; with a
+    `block`, the draws the settle stage needs as block means in `scores.draw_blocks`, so that
+    mining reads every patch's standard error from the score's own draws instead of scoring
+    the images again."""
     from worker.engine.data import multi_hot
+    from worker.engine.settled import pool_draw_maps, settle_preset
     from worker.engine.tiles import passes_per_draw, typicality_as_trained
 
     rows = own_label_rows(shard)
-    own = typicality_as_trained(denoiser, images[[i for i, _ in rows]],
-                                multi_hot([label for _, label in rows], len(label_ids)), preset, seed=seed,
-                                tile_stride=tile_stride)
+    tiles = passes_per_draw(denoiser, images, tile_stride)
+    kept = settle_preset(preset)[0].draws_used if block else 0
+    chunk = max(1, DRAW_MAP_VALUES // (preset.draws_used * tiles * images[0, 0].numel())) if block else len(rows)
     records = {}
-    for r, (i, label) in enumerate(rows):
-        image_id, label_id = shard[i].image_id, label_ids[label]
-        scores.maps[map_key(image_id, label_id)] = own.maps[r].cpu().numpy().astype(np.float16)
-        records[(image_id, label_id)] = dict(
-            image_id=image_id, label_id=label_id, typicality=float(own.scores[r]),
-            std_error=float(own.stderr[r]), draws=int(own.draws[r]), loss=None, map_key=map_key(image_id, label_id))
-    scores.passes += len(rows) * preset.draws_used * 2 * passes_per_draw(denoiser, images, tile_stride)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        own = typicality_as_trained(denoiser, images[[i for i, _ in part]],
+                                    multi_hot([label for _, label in part], len(label_ids)), preset, seed=seed,
+                                    tile_stride=tile_stride, draw_maps=bool(block))
+        for r, (i, label) in enumerate(part):
+            image_id, label_id = shard[i].image_id, label_ids[label]
+            key = map_key(image_id, label_id)
+            scores.maps[key] = own.maps[r].cpu().numpy().astype(np.float16)
+            records[(image_id, label_id)] = dict(
+                image_id=image_id, label_id=label_id, typicality=float(own.scores[r]),
+                std_error=float(own.stderr[r]), draws=int(own.draws[r]), loss=None, map_key=key)
+            if block:
+                used = min(kept, int(own.draws[r]))  # an early-stopped row has zeros after its last draw
+                blocks = pool_draw_maps(own.draw_maps[r, :used].cpu(), block)
+                scores.draw_blocks[key] = blocks.numpy().astype(np.float16)
+                scores.draw_blocks[key + ":shape"] = np.array([*own.maps[r].shape, block])
+    scores.passes += len(rows) * preset.draws_used * 2 * tiles
     return records
-
-
-#: Adaptive stages keep every draw's map: rows are scored in chunks of at most this many
-#: per-draw map values, about 256 MiB (float32, the maps and their tiles' copies).
-DRAW_MAP_VALUES = 2 ** 25
 
 
 def staged_scores(denoiser, shard, images, label_ids, preset, seed, scores: ShardScores, bounds: dict,
@@ -438,7 +465,15 @@ def write_shard(settings: Settings, shard: list[Example], shard_file: Path, *, r
         session.execute(insert(ImageScore), rows)
     if scores.other_maps:
         save_maps(others_file, scores.other_maps)
+    if scores.draw_blocks:
+        save_maps(draw_blocks_file(shard_file), scores.draw_blocks)
     save_maps(shard_file, scores.maps)
+
+
+def draw_blocks_file(shard_file: Path) -> Path:
+    """Where a shard's per-draw block maps live (not shard-*.npz of the maps folder: mining
+    reads those as maps)."""
+    return shard_file.parent / "draws" / shard_file.name
 
 
 def save_maps(path: Path, maps: dict[str, np.ndarray]) -> None:

@@ -1,23 +1,25 @@
 """The mining stage "settle": how settled each mined patch is (worker/engine/settled.py).
 
-The score job keeps only each map's mean over the draws. The images that hold a kept patch are
-scored again under the patch's label, keeping every draw's map: with the run's very draws
-(presets of up to 24 draws, stratified ones, early stopping), or, for the paper's 100 i.i.d.
-draws, 24 fresh ones whose spread stands in for theirs (worker/engine/settled.settle_preset).
-Each patch's per-draw values give its standard error, and with the label's top-K cut, its
-chance to stay in the top K. This costs a scoring of the images that hold patches, at most 24
-draws (bench/bench_settled.py measures it), rather than every image's per-draw maps kept on
-disk since scoring.
+The score job keeps, besides each map's mean over the draws, the draws a standard error needs
+as block means (`draw_blocks_file`: the run's very draws for presets of up to 24 draws,
+stratified ones and early stopping; the first 24 of the paper's 100 i.i.d. draws, whose spread
+stands in for all of theirs: worker/engine/settled.settle_preset). Each patch's per-draw values
+are pooled from them, giving its standard error and, with the label's top-K cut, its chance to
+stay in the top K, at no denoiser pass. Runs scored before the score job kept them (and the
+adaptive preset's rows, whose draws come in stages) are scored again under the patch's label
+instead, keeping every draw's map: one scoring of the images that hold patches, at most 24
+draws (bench/bench_settled.py measures it).
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, update
 
 from app.db import session_scope
-from app.models import Image, MiningRun, Patch
+from app.models import Image, ImageScore, MiningRun, Patch
 from worker.context import JobContext
 from worker.models import load_trained
 
@@ -61,6 +63,69 @@ def stay_of_patches(rows, stderrs: dict[int, float], cuts: dict, *, lowest: bool
 
 
 def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]]) -> dict[int, float]:
+    """{patch id: standard error of its score}: from the score job's kept draws where it kept
+    them, else by scoring again."""
+    sizes = image_sizes(context, {image_id for image_id, _, _ in groups})
+    stderrs, missing = stored_standard_errors(context, info, groups, sizes)
+    if missing:
+        stderrs.update(rescored_standard_errors(context, info, missing))
+    return stderrs
+
+
+def image_sizes(context: JobContext, image_ids: set[int]) -> dict[int, tuple[int, int]]:
+    with session_scope(context.settings) as session:
+        return {i: (w, h) for i, w, h in session.execute(
+            select(Image.id, Image.width, Image.height).where(Image.id.in_(image_ids)))}
+
+
+def stored_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]],
+                           sizes: dict[int, tuple[int, int]]) -> tuple[dict[int, float], list]:
+    """Standard errors from the per-draw block maps the score job kept, a shard file at a time,
+    and the groups whose rows have none."""
+    import torch
+
+    from worker.engine.settled import box_draw_values, box_standard_errors, settle_preset, unpool_draw_maps
+    from worker.handlers.score import draw_blocks_file, engine_preset
+
+    preset, score_draws = settle_preset(engine_preset(info.params))
+    with session_scope(context.settings) as session:
+        map_paths = dict(((i, label), path) for i, label, path in session.execute(
+            select(ImageScore.image_id, ImageScore.label_id, ImageScore.map_path)
+            .where(ImageScore.run_id == info.run_id, ImageScore.map_path.is_not(None))))
+    by_file: dict[Path, list] = defaultdict(list)
+    missing = []
+    for group in groups:
+        path = map_paths.get(group[:2])
+        if path is None:
+            missing.append(group)
+            continue
+        file, key = path.split(":")
+        by_file[draw_blocks_file(context.settings.home_dir / file)].append((key, group))
+    stderrs: dict[int, float] = {}
+    for number, (file, keyed) in enumerate(sorted(by_file.items()), 1):
+        if not file.exists():
+            missing.extend(group for _, group in keyed)
+            continue
+        with np.load(file) as data:
+            for key, group in keyed:
+                if key not in data.files:
+                    missing.append(group)
+                    continue
+                image_id, _, members = group
+                height, width, block = (int(v) for v in data[key + ":shape"])
+                draw_maps = unpool_draw_maps(torch.from_numpy(data[key].astype(np.float32)), block, (height, width))
+                values = box_draw_values(draw_maps, [box for _, box in members], [sizes[image_id]] * len(members),
+                                         view_size=info.view.size, patch_size=info.patch_size,
+                                         whole=info.view.whole, multiple=info.view.multiple)
+                errors = box_standard_errors(values, len(draw_maps), preset.timesteps, preset.round_size,
+                                             score_draws=score_draws)
+                stderrs.update(zip([patch_id for patch_id, _ in members], errors.tolist()))
+        context.progress(number, len(by_file), "standard errors of the patches' scores", stage="settle")
+        context.check()
+    return stderrs, missing
+
+
+def rescored_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]]) -> dict[int, float]:
     """{patch id: standard error of its score}, every (image, label) holding patches scored again
     with the run's draws, BATCH of them at a time."""
     from worker.engine.data import load_view_groups, multi_hot
