@@ -1,0 +1,125 @@
+"""The 1,000-image target through the product, with the planted mark as its check (issue 13, item 7).
+
+    python bench/bench_thousand_product.py --keep /tmp/thousand        # ~45 min on 2 cores
+    python bench/bench_thousand_product.py --remine /tmp/thousand/home --run 1   # mining again, timed
+    python bench/bench_thousand_product.py --quick                     # a smoke run (minutes)
+
+One fresh home, the real command line in subprocesses, wall seconds on an otherwise idle machine
+(the target is wall time):
+
+* `diffmine ingest builtin:twemoji --render-size 128 --limit-per-label 116`: about 1,000 emoji
+  (9 categories, up to 116 each), rendered from their SVGs at 128 px, with
+  `--plant-mark "Animals & Nature" --plant-fraction 1 --plant-size 0.0625`: an 8 px mark (a red
+  square with a yellow cross, app/ingest/plant.py) at a random place in every image of that
+  category;
+* `diffmine run --label-set category --image-size 128 --resolution 32 --steps 1500 --draws 8`
+  (plus --flags): the train, score and mine jobs in one, as a user runs it. A thread reads the
+  job's stage from the database every second, so each stage's wall seconds are printed;
+* `diffmine evaluate RUN`: how much of the marked category's top cluster and of all its patches
+  lie on the mark (`mark_overlap`), and the AUC-PR of its maps against the mark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKED = "Animals & Nature"
+RUN_FLAGS = ["--label-set", "category", "--image-size", "128", "--resolution", "32", "--steps", "1500",
+             "--draws", "8"]
+
+
+def diffmine(home: Path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "app.cli", *args, "--home", str(home), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"diffmine {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+class StageClock(threading.Thread):
+    """Wall seconds of each (job kind, stage) of the running jobs, read from the database."""
+
+    def __init__(self, database: Path):
+        super().__init__(daemon=True)
+        self.database, self.seconds, self.stopped = database, {}, threading.Event()
+
+    def run(self) -> None:
+        last, since = None, time.perf_counter()
+        while not self.stopped.wait(1.0):
+            try:
+                with sqlite3.connect(self.database, timeout=5) as connection:
+                    row = connection.execute("SELECT kind, stage FROM jobs WHERE status = 'running' "
+                                             "ORDER BY id DESC LIMIT 1").fetchone()
+            except sqlite3.Error:
+                continue
+            now = time.perf_counter()
+            if last is not None:
+                self.seconds[last] = self.seconds.get(last, 0.0) + now - since
+            last, since = (row and f"{row[0]}:{row[1]}"), now
+
+    def stop(self) -> dict:
+        self.stopped.set()
+        self.join()
+        return {stage: round(seconds, 1) for stage, seconds in self.seconds.items() if stage}
+
+
+def timed(home: Path, *args: str) -> tuple[dict, float, dict]:
+    clock = StageClock(home / "diffmine.sqlite")
+    clock.start()
+    started = time.perf_counter()
+    out = diffmine(home, *args)
+    return out, time.perf_counter() - started, clock.stop()
+
+
+def mark_found(home: Path, run: int) -> dict:
+    evaluated = diffmine(home, "evaluate", str(run), "--draws", "2", "--max-images", "8")
+    overlap = evaluated["mark_overlap"][MARKED]
+    return dict(top_cluster=overlap["top_cluster"], all_patches=overlap["all_patches"],
+                box_auc_pr=evaluated.get("box_auc_pr"), box_positive_rate=evaluated.get("box_positive_rate"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-label", type=int, default=116, help="emoji per category (116: about 1,000)")
+    parser.add_argument("--flags", default="--tile-stride full --lr 1e-3",
+                        help="more `diffmine run` flags, after the target's")
+    parser.add_argument("--quick", action="store_true", help="8 emoji a category, 30 steps")
+    parser.add_argument("--keep", type=Path, help="work in this new folder and keep it")
+    parser.add_argument("--remine", type=Path, metavar="HOME", help="mine RUN of this kept home again, timed")
+    parser.add_argument("--run", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.remine:
+        mined, wall, stages = timed(args.remine, "mine", str(args.run))
+        result = dict(remine=args.run, wall_seconds=round(wall, 1), stages=stages, patches=mined["patches"],
+                      **mark_found(args.remine, args.run))
+    else:
+        folder = args.keep or Path(tempfile.mkdtemp(prefix="thousand-"))
+        home = folder / "home"
+        per_label, steps = (8, "30") if args.quick else (args.per_label, "1500")
+        ingested = diffmine(home, "ingest", "builtin:twemoji", "--name", "tw", "--render-size", "128",
+                            "--limit-per-label", str(per_label), "--min-per-label", "1", "--holdout", "0.1",
+                            "--plant-mark", MARKED, "--plant-fraction", "1", "--plant-size", "0.0625")
+        flags = [*RUN_FLAGS, *args.flags.split()]
+        flags[flags.index("--steps") + 1] = steps
+        ran, wall, stages = timed(home, "run", "tw", *flags)
+        result = dict(images=ingested.get("images"), flags=" ".join(flags), wall_seconds=round(wall, 1),
+                      wall_minutes=round(wall / 60, 1), stages=stages, run=ran.get("run"),
+                      **mark_found(home, ran["run"]))
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
