@@ -194,3 +194,20 @@ def test_the_stable_diffusion_window_is_an_r_crop_of_the_image_as_scoring_rounde
     assert np.allclose(in_window, (expected[0] - 64, expected[1], expected[2] - 64, expected[3]))
     x0, _, x1, _ = in_window
     assert 0 <= x0 < x1 <= 64 and x1 - x0 == pytest.approx(25 * 128 / 230)  # the rounded x scale
+
+
+def test_a_patch_is_translated_at_the_size_its_run_scored_at_not_the_models(mined_settings):
+    """`score --image-size` may score at another size than the model's: the window is cut from
+    the image at the run's size, where the patch was found."""
+    from app.models import MiningRun, TrainedModel
+    from app.params import TrainConfig
+    from worker.handlers.translate import scoring_size
+
+    with session_scope(mined_settings) as session:
+        recipe = TrainConfig.model_validate(session.get(TrainedModel, 1).config)
+        assert scoring_size(session, mined_settings, 1, recipe) == recipe.scoring_size == 32
+        run = session.get(MiningRun, 1)
+        run.params = {**run.params, "image_size": 64}
+    with session_scope(mined_settings) as session:
+        assert scoring_size(session, mined_settings, 1, recipe) == 64
+        assert scoring_size(session, mined_settings, None, recipe) == 32  # an image region: the model's

@@ -35,7 +35,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Image, ImageLabel, Patch, TrainedModel, Translation
 from app.params import TrainConfig, TranslationOptions
-from app.services.runs import labels_of
+from app.services.runs import labels_of, load_run
 from worker.context import JobContext, JobPreempted
 from worker.models import load_trained
 
@@ -77,11 +77,11 @@ def translate_row(context: JobContext, translation_id: int) -> dict:
         model_id, weights, backend = model.id, settings.home_dir / model.weights_dir, model.backend
         configured = (model.config or {}).get("resolution")
         recipe = TrainConfig.model_validate(model.config) if model.config else None
+        scored_at = scoring_size(session, settings, run_id, recipe)
         image_path, image_size = settings.home_dir / image.stored_path, (image.width, image.height)
     options = TranslationOptions.model_validate(params).resolved(backend)
     denoiser = load_trained(context, model_id, weights)
     resolution = int(configured or model_resolution(denoiser))
-    scored_at = recipe.scoring_size if recipe is not None and recipe.view == "whole" else None
     view, model_box = model_view(image_path, image_size, box, resolution, options["context"], scored_at=scored_at,
                                  multiple=SIDE_MULTIPLES[backend])
 
@@ -134,6 +134,15 @@ def model_resolution(denoiser) -> int:
     from worker.handlers.evaluate import denoiser_resolution
 
     return int(denoiser_resolution(denoiser))
+
+
+def scoring_size(session, settings, run_id: int | None, recipe: TrainConfig | None) -> int | None:
+    """The shorter side the patch's run scored its images at (`score --image-size` may differ
+    from the model's), else the model's; None for the old centre-crop view."""
+    if run_id is not None:
+        record = load_run(session, settings, run_id)
+        return record.view_size if record.whole_view else None
+    return recipe.scoring_size if recipe is not None and recipe.view == "whole" else None
 
 
 def context_window(box, image_size, context: float) -> tuple[int, int, int, int]:
