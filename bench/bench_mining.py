@@ -109,6 +109,33 @@ def bench_dift(images: int, per_image: int, draws: int) -> None:
     print(f"Speed-up {per_patch_s / once_s:.1f}x; largest feature difference between the two ways {difference:.1e}.\n")
 
 
+def bench_dift_exit(images: int, side: int, repeats: int = 3) -> None:
+    """A DIFT pass stopped at up_blocks.1 (block_output, what the features stage runs) against
+    the whole forward pass with the block's output hooked (how it ran before): the small model,
+    `images` whole `side` px images per call, as the features stage sends them."""
+    denoiser = create_pixel_denoiser(["a", "b"], resolution=32, seed=0, size="small").eval()
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(images, 3, side, side, generator=g)
+    timesteps = torch.full((images,), 161)
+    conditions = torch.nn.functional.one_hot(torch.arange(images) % 2, 2).float()
+
+    def full_pass():
+        with denoiser.capture("up_blocks.1") as outputs:
+            denoiser.predict_noise(noisy, timesteps, conditions)
+        return outputs[0]
+
+    with torch.inference_mode():
+        full_pass()  # warm-up
+        stopped, stopped_s = best_of(repeats, denoiser.block_output, "up_blocks.1", noisy, timesteps, conditions)
+        full, full_s = best_of(repeats, full_pass)
+    print(f"### DIFT pass stopped at up_blocks.1, small pixel model, {images} x {side} px per call\n")
+    table(["pass", "seconds per call", "vs the whole pass"], [
+        ["whole forward pass, block hooked (before)", f"{full_s:.3f}", "1.00x"],
+        ["stopped at up_blocks.1 (block_output)", f"{stopped_s:.3f}", f"{full_s / stopped_s:.2f}x faster"],
+    ])
+    print(f"Same features: {torch.equal(stopped, full)}.\n")
+
+
 # --- 2. k-means ---------------------------------------------------------------------------------
 def bench_kmeans(sizes: list[int], dim: int, clusters: int, full_up_to: int) -> None:
     print(f"### k-means, {clusters} clusters, unit vectors (random), FAISS backend unless noted, seed 0\n")
@@ -265,8 +292,8 @@ def main() -> None:
     parser.add_argument("--hnsw-rows", type=int, default=100_000,
                         help="rows of the HNSW index (its build dominates the run; 0 skips it)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sections", default="dift,kmeans,search,mining,job",
-                        help="comma-separated subset of dift,kmeans,search,mining,job")
+    parser.add_argument("--sections", default="dift,dift-exit,kmeans,search,mining,job",
+                        help="comma-separated subset of dift,dift-exit,kmeans,search,mining,job")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
@@ -281,6 +308,8 @@ def main() -> None:
     start = time.perf_counter()
     if "dift" in sections:
         bench_dift(images=2 if quick else 8, per_image=5, draws=8)
+    if "dift-exit" in sections:
+        bench_dift_exit(images=4 if quick else 16, side=128)
     if "kmeans" in sections:
         bench_kmeans([10_000] if quick else [10_000, 100_000, 1_000_000], dim=64, clusters=32,
                      full_up_to=100_000)

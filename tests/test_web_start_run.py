@@ -16,7 +16,8 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
     response = client.post("/datasets/1/runs", data={
         "csrf_token": token, "preset": "fast", "backend": "pixel", "steps": "20", "draws": "4",
         "size": "tiny", "per_label": "20", "clusters": "3", "all_labels": "1", "precision": "fp16",
-        "processes": "2", "batch_size": "8", "image_size": "48", "tile_stride": "full"})
+        "processes": "2", "batch_size": "8", "image_size": "48", "tile_stride": "full",
+        "support_share": "0"})
     assert response.status_code == 200 and response.url.path == "/jobs/4"
     with session_scope(mined_settings) as session:
         job = session.get(Job, 4)
@@ -27,7 +28,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
         assert model.config["processes"] == 2 and model.config["batch_size"] == 8
         assert model.config["image_size"] == 48 and model.config["view"] == "whole"
         assert run.params["draws"] == 4 and run.params["all_labels"] and run.params["precision"] == "fp16"
-        assert run.params["mine"] == {"per_label": 20, "clusters": 3}
+        assert run.params["mine"] == {"per_label": 20, "clusters": 3, "support_share": 0}
         assert run.params["tile_stride"] == "full"
     home = client.get("/.json").json()
     runs = home["datasets"][0]["runs"]
@@ -42,6 +43,8 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
     ("precision", "fp8", "unknown precision"),
     ("processes", "0", "processes must be between 1"),
     ("tile_stride", "quarter", "unknown tile_stride"),
+    ("support_share", "some", "support share must be a number"),
+    ("support_share", "1.5", "support_share: Input should be less than 1"),
 ])
 def test_bad_values_are_explained_inline(client, field, value, message):
     token = form_token(client, "/datasets/1")

@@ -80,6 +80,17 @@ def _int(form, name: str, low: int, high: int) -> int | None:
     return number
 
 
+def _number(form, name: str) -> float | None:
+    """A decimal field, its range left to the params model that says what it allows."""
+    value = (form.get(name) or "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name.replace('_', ' ')} must be a number, got {value!r}") from None
+
+
 @router.post("/datasets/{dataset_id:int}/runs", dependencies=CSRF,
              summary="Start a run: train, score and mine in one queued pipeline job")
 async def start_run(request: Request, dataset_id: int, session: SessionDep, settings: SettingsDep):
@@ -95,10 +106,12 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
         if size not in (None, *catalog.PIXEL_SIZES):
             raise ValueError(f"model size must be one of {', '.join(catalog.PIXEL_SIZES)}, got {size!r}")
         label_set = form.get("label_set") or None
+        share = _number(form, "support_share")
         mine = MineOptions(per_label=_int(form, "per_label", 1, 100_000),
                            clusters=_int(form, "clusters", 1, 1000),
                            patch_size=_int(form, "patch_size", 2, 4096),
-                           per_image=_int(form, "per_image", 1, 100))
+                           per_image=_int(form, "per_image", 1, 100),
+                           **({} if share is None else {"support_share": share}))
         run = RunParams(preset=form.get("preset") or "fast", seed=_int(form, "seed", 0, 2**31) or 0,
                         draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"],
                         precision=form.get("precision") or "fp32",
