@@ -53,9 +53,10 @@ TILE_STRIDES = {
 }
 
 #: Denoiser precision while scoring. fp16/bf16 autocast is for GPUs: on this project's CPUs it ran
-#: 2-4x slower than fp32; on an H200, fp16 scored Stable Diffusion 4.9-6.5x faster
-#: (docs/benchmarks.md).
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: 2-4x slower than fp32; on an H200, fp16 scored Stable Diffusion 4.9-6.5x faster, while the small
+#: pixel models ran slower in fp16 than in fp32 (docs/benchmarks.md). "auto", the default, chooses
+#: by device and backend from those measurements (worker/handlers/score.resolved_precision).
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 #: what a label set's labels are: ordinal ones (years) get trends across labels
 LABEL_KINDS = ("categorical", "ordinal", "multi")

@@ -17,7 +17,7 @@ from app import catalog
 
 Preset = Literal["paper", "fast", "adaptive"]
 Backend = Literal["pixel", "stable-diffusion"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Selection = Literal["typical", "least", "random"]
 View = Literal["whole", "centre-crop"]
 TranslationPresetName = Literal["fast", "reference"]
@@ -171,7 +171,7 @@ class RunParams(Params):
     #: also score every image under every label (maps for any label, the diffusion classifier)
     all_labels: bool = False
     seed: int = 0
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
     #: score images resized to this shorter side; None: the model's image size
     image_size: int | None = Field(None, gt=0)
     #: images per resumable scoring shard

@@ -95,6 +95,20 @@ def test_half_precision_scoring_on_a_cpu_worker_fails_clearly_and_keeps_the_run(
     assert cluster_table(mined_settings) == before
 
 
+def test_auto_precision_is_fp16_for_stable_diffusion_on_a_gpu_and_fp32_elsewhere():
+    from app.params import RunParams
+    from worker.engine.registry import create_pixel_denoiser
+    from worker.handlers.score import preset_for, resolved_precision
+
+    assert RunParams().precision == "auto"
+    assert resolved_precision("auto", device="cuda", backend="stable-diffusion") == "fp16"
+    assert resolved_precision("auto", device="cuda", backend="pixel") == "fp32"  # launch-bound: fp16 was slower
+    assert resolved_precision("auto", device="cpu", backend="stable-diffusion") == "fp32"
+    assert resolved_precision("bf16", device="cuda", backend="pixel") == "bf16"  # a choice is kept
+    cpu_model = create_pixel_denoiser(["a", "b"], resolution=32, seed=0, size="tiny")
+    assert preset_for(RunParams(preset="fast"), cpu_model).autocast is None
+
+
 def test_the_lookalike_threshold_sets_how_much_a_recluster_leaves_out(mined_settings):
     """A lower cosine threshold counts more patches as look-alikes of an artifact cluster."""
     from sqlalchemy import text

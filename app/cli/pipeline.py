@@ -224,10 +224,10 @@ def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image
                              "100 for the images whose boxes may reach a label's top patches (the per-label "
                              "count the run is mined with: `run --per-label`, else 1000)")
     parser.add_argument("--draws", type=int, help="override the preset's number of draws")
-    parser.add_argument("--precision", choices=catalog.PRECISIONS, default="fp32",
-                        help="denoiser autocast while scoring; fp16 is for GPUs (Stable Diffusion on an "
-                        "H200: 4.9-6.5x faster, closer to fp32 than fp32 is to itself under another "
-                        "seed), fp32 on CPUs")
+    parser.add_argument("--precision", choices=catalog.PRECISIONS, default="auto",
+                        help="denoiser autocast while scoring; auto: fp16 for Stable Diffusion on a GPU "
+                        "(on an H200: 4.9-6.5x faster, closer to fp32 than fp32 is to itself under "
+                        "another seed), else fp32 (pixel models ran slower in fp16; CPUs 2-4x slower)")
     parser.add_argument("--all-labels", action="store_true",
                         help="also score every image under every label (diffusion classifier)")
     if seed:
