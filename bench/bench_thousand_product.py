@@ -17,6 +17,14 @@ One fresh home, the real command line in subprocesses, wall seconds on an otherw
   job's stage from the database every second, so each stage's wall seconds are printed;
 * `diffmine evaluate RUN`: how much of the marked category's top cluster and of all its patches
   lie on the mark (`mark_overlap`), and the AUC-PR of its maps against the mark.
+
+`--split N` asks the planted-mark question without the categories' own content competing with
+the mark: N emoji drawn from every category (seeded), rendered at 128 px and flattened on white,
+split at random into two labels, "marked" and "plain", in a folder per label; `diffmine ingest
+FOLDER --plant-mark marked --plant-fraction 1` puts the mark in every "marked" image, so the mark
+is all that tells the labels apart (as in the engine-level measurement of session 4, on real
+images instead of smooth colour fields). Then the same `diffmine run` (its label set is the
+folder's) and `diffmine evaluate`.
 """
 from __future__ import annotations
 
@@ -81,11 +89,34 @@ def timed(home: Path, *args: str) -> tuple[dict, float, dict]:
     return out, time.perf_counter() - started, clock.stop()
 
 
-def mark_found(home: Path, run: int) -> dict:
+def mark_found(home: Path, run: int, marked: str = MARKED) -> dict:
     evaluated = diffmine(home, "evaluate", str(run), "--draws", "2", "--max-images", "8")
-    overlap = evaluated["mark_overlap"][MARKED]
+    overlap = evaluated["mark_overlap"][marked]
     return dict(top_cluster=overlap["top_cluster"], all_patches=overlap["all_patches"],
                 box_auc_pr=evaluated.get("box_auc_pr"), box_positive_rate=evaluated.get("box_positive_rate"))
+
+
+def split_folder(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` emoji of every category at 128 px, RGB on white, half in marked/ and half in plain/."""
+    import io
+    import random
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from app.ingest.builtin import twemoji_entries
+
+    entries, _ = twemoji_entries(128)
+    chosen = random.Random(seed).sample(entries, count)
+    for number, entry in enumerate(chosen):
+        folder = root / ("marked" if number % 2 == 0 else "plain")
+        folder.mkdir(parents=True, exist_ok=True)
+        with Image.open(io.BytesIO(entry.read())) as image:
+            rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        flat.save(folder / f"{number:05d}.png")
+    return root
 
 
 def main() -> None:
@@ -94,6 +125,8 @@ def main() -> None:
     parser.add_argument("--flags", default="--tile-stride full --lr 1e-3",
                         help="more `diffmine run` flags, after the target's")
     parser.add_argument("--quick", action="store_true", help="8 emoji a category, 30 steps")
+    parser.add_argument("--split", type=int, metavar="N",
+                        help="N emoji split into marked / plain instead of the categories")
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it")
     parser.add_argument("--remine", type=Path, metavar="HOME", help="mine RUN of this kept home again, timed")
     parser.add_argument("--run", type=int, default=1)
@@ -107,15 +140,23 @@ def main() -> None:
         folder = args.keep or Path(tempfile.mkdtemp(prefix="thousand-"))
         home = folder / "home"
         per_label, steps = (8, "30") if args.quick else (args.per_label, "1500")
-        ingested = diffmine(home, "ingest", "builtin:twemoji", "--name", "tw", "--render-size", "128",
-                            "--limit-per-label", str(per_label), "--min-per-label", "1", "--holdout", "0.1",
-                            "--plant-mark", MARKED, "--plant-fraction", "1", "--plant-size", "0.0625")
+        marked = "marked" if args.split else MARKED
+        if args.split:
+            source = str(split_folder(folder / "split", 16 if args.quick else args.split))
+            ingested = diffmine(home, "ingest", source, "--name", "tw", "--holdout", "0.1",
+                                "--plant-mark", marked, "--plant-fraction", "1", "--plant-size", "0.0625")
+        else:
+            ingested = diffmine(home, "ingest", "builtin:twemoji", "--name", "tw", "--render-size", "128",
+                                "--limit-per-label", str(per_label), "--min-per-label", "1", "--holdout", "0.1",
+                                "--plant-mark", MARKED, "--plant-fraction", "1", "--plant-size", "0.0625")
         flags = [*RUN_FLAGS, *args.flags.split()]
+        if args.split:  # the folder's one label set
+            del flags[flags.index("--label-set"):flags.index("--label-set") + 2]
         flags[flags.index("--steps") + 1] = steps
         ran, wall, stages = timed(home, "run", "tw", *flags)
         result = dict(images=ingested.get("images"), flags=" ".join(flags), wall_seconds=round(wall, 1),
                       wall_minutes=round(wall / 60, 1), stages=stages, run=ran.get("run"),
-                      **mark_found(home, ran["run"]))
+                      **mark_found(home, ran["run"], marked))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

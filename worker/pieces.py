@@ -33,6 +33,8 @@ def run_pieces(context: JobContext, pieces: Pieces, execute: Executor, write: Ca
             else:
                 yield path, task
 
+    # The stage is shown from its start, not from its first finished piece (a shard can take minutes).
+    context.progress(0, total, message.format(done=0, total=total), stage=stage, force=True)
     for path, task, result in execute(pending()):
         write(path, task, result)
         done += size(task)

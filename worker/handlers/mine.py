@@ -68,6 +68,7 @@ def run_mine(context: JobContext) -> dict:
         if stage in info.stages_done or skipped.get(stage):
             continue
         set_run_status(context, info.run_id, "mining")
+        context.progress(0, None, stage, stage=stage, force=True)  # shown from its start
         stage_functions[stage](context, info)
         mark_stage_done(context, info.run_id, stage)
         info.stages_done.add(stage)
