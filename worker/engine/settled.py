@@ -69,8 +69,7 @@ def pool_draw_maps(draw_maps: torch.Tensor, block: int) -> torch.Tensor:
     flat = draw_maps.reshape(-1, 1, height, width).float()
     pad = (0, -width % block, 0, -height % block)
     sums = F.avg_pool2d(F.pad(flat, pad), block, divisor_override=1)
-    counts = F.avg_pool2d(F.pad(torch.ones_like(flat[:1]), pad), block,
-                                            divisor_override=1)
+    counts = F.avg_pool2d(F.pad(torch.ones_like(flat[:1]), pad), block, divisor_override=1)
     return (sums / counts).reshape(*lead, *sums.shape[-2:])
 
 
