@@ -81,3 +81,12 @@ def test_the_job_is_committed_before_the_redirect_goes_out(mined_settings):
     client.post("/datasets/1/runs", data={"csrf_token": token, "steps": "20"},
                 follow_redirects=False)
     assert seen == [1]
+
+
+def test_a_run_without_a_precision_gets_auto(mined_settings, client):
+    token = form_token(client, "/datasets/1")
+    response = client.post("/datasets/1/runs", data={"csrf_token": token, "steps": "20"})
+    assert response.status_code == 200
+    with session_scope(mined_settings) as session:
+        job = session.get(Job, 4)
+        assert session.get(MiningRun, job.params["run_id"]).params.get("precision", "auto") == "auto"

@@ -114,7 +114,7 @@ async def start_run(request: Request, dataset_id: int, session: SessionDep, sett
                            **({} if share is None else {"support_share": share}))
         run = RunParams(preset=form.get("preset") or "fast", seed=_int(form, "seed", 0, 2**31) or 0,
                         draws=_int(form, "draws", 1, 100_000), all_labels=values["all_labels"],
-                        precision=form.get("precision") or "fp32",
+                        precision=form.get("precision") or RUN_DEFAULTS["precision"],
                         tile_stride=form.get("tile_stride") or None, mine=mine)
         config = {"steps": _int(form, "steps", 1, 10_000_000),
                   "resolution": _int(form, "resolution", 8, 4096),
