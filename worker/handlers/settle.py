@@ -65,17 +65,18 @@ def stay_of_patches(rows, stderrs: dict[int, float], cuts: dict, *, lowest: bool
 def patch_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]]) -> dict[int, float]:
     """{patch id: standard error of its score}: from the score job's kept draws where it kept
     them, else by scoring again."""
-    sizes = image_sizes(context, {image_id for image_id, _, _ in groups})
-    stderrs, missing = stored_standard_errors(context, info, groups, sizes)
+    images = image_files(context, {image_id for image_id, _, _ in groups})
+    stderrs, missing = stored_standard_errors(context, info, groups, {i: size for i, (_, size) in images.items()})
     if missing:
-        stderrs.update(rescored_standard_errors(context, info, missing))
+        stderrs.update(rescored_standard_errors(context, info, missing, images))
     return stderrs
 
 
-def image_sizes(context: JobContext, image_ids: set[int]) -> dict[int, tuple[int, int]]:
+def image_files(context: JobContext, image_ids: set[int]) -> dict[int, tuple[Path, tuple[int, int]]]:
+    """{image id: (its file, its (width, height))}."""
     with session_scope(context.settings) as session:
-        return {i: (w, h) for i, w, h in session.execute(
-            select(Image.id, Image.width, Image.height).where(Image.id.in_(image_ids)))}
+        return {i: (context.settings.home_dir / p, (w, h)) for i, p, w, h in session.execute(
+            select(Image.id, Image.stored_path, Image.width, Image.height).where(Image.id.in_(image_ids)))}
 
 
 def stored_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]],
@@ -125,7 +126,8 @@ def stored_standard_errors(context: JobContext, info, groups: list[tuple[int, in
     return stderrs, missing
 
 
-def rescored_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]]) -> dict[int, float]:
+def rescored_standard_errors(context: JobContext, info, groups: list[tuple[int, int, list]],
+                             images: dict[int, tuple[Path, tuple[int, int]]]) -> dict[int, float]:
     """{patch id: standard error of its score}, every (image, label) holding patches scored again
     with the run's draws, BATCH of them at a time."""
     from worker.engine.data import load_view_groups, multi_hot
@@ -133,10 +135,6 @@ def rescored_standard_errors(context: JobContext, info, groups: list[tuple[int, 
     from worker.engine.tiles import typicality_as_trained
     from worker.handlers.score import preset_for
 
-    with session_scope(context.settings) as session:
-        images = {i: (context.settings.home_dir / p, (w, h)) for i, p, w, h in session.execute(
-            select(Image.id, Image.stored_path, Image.width, Image.height)
-            .where(Image.id.in_({g[0] for g in groups})))}
     label_index = {label_id: i for i, (label_id, _) in enumerate(info.labels)}
     denoiser = load_trained(context, info.model_id, info.weights)
     preset, score_draws = settle_preset(preset_for(info.params, denoiser))
