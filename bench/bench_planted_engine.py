@@ -13,7 +13,7 @@ white, split at random into "marked" and "plain"; every "marked" image carries t
 never trained on, are the test: as many marked as plain, each image of both kinds scored under
 its own label. The small UNet trains on 32 px crops of the images at 128 px (the product's
 `--image-size 128 --resolution 32`); scoring goes through 32 px tiles at stride 32 (`--tile-stride
-full`), the fast preset at `--draws`.
+full`), the `--preset` (default fast: stratified timesteps) at `--draws`.
 
 Printed, per variant:
 * best box on the mark: the share of marked test images whose best box (k = 25) overlaps it;
@@ -44,8 +44,8 @@ from app.ingest.builtin import twemoji_entries  # noqa: E402
 from app.ingest.plant import paint  # noqa: E402
 from worker.engine.data import ImageDataset, View, multi_hot  # noqa: E402
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label  # noqa: E402
-from worker.engine.presets import FAST  # noqa: E402
-from worker.engine.registry import create_pixel_denoiser  # noqa: E402
+from worker.engine.presets import get_preset  # noqa: E402
+from worker.engine.registry import create_pixel_denoiser, load_denoiser  # noqa: E402
 from worker.engine.tiles import tiled_typicality  # noqa: E402
 from worker.engine.training import train  # noqa: E402
 
@@ -75,8 +75,8 @@ def emoji_split(folder: Path, count: int, seed: int) -> list[tuple[Path, int, tu
     return out
 
 
-def maps_of(model, images: list[tuple], draws: int, seed: int) -> list[torch.Tensor]:
-    view, preset = View(SIZE), FAST.with_(draws=draws)
+def maps_of(model, images: list[tuple], preset, seed: int) -> list[torch.Tensor]:
+    view = View(SIZE)
     return [tiled_typicality(model, view.load(path)[None], multi_hot([label], 2), preset, seed=seed,
                              tile=CROP, stride=CROP).maps[0] for path, label, _ in images]
 
@@ -117,31 +117,40 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--null-dropout", type=float, default=0.1)
     parser.add_argument("--size", default="small")
+    parser.add_argument("--preset", default="fast", help="typicality preset (paper: i.i.d. t, fast: stratified)")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data's is fixed)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--save", type=Path, help="keep the trained model in this folder")
+    parser.add_argument("--load", type=Path, help="score a model saved by --save instead of training one")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         images = emoji_split(Path(tmp), args.images + 2 * args.test, seed=1234)
         trained, test = images[:args.images], images[args.images:]
-        model = create_pixel_denoiser(["marked", "plain"], resolution=CROP, seed=args.seed, size=args.size)
-        dataset = ImageDataset([p for p, _, _ in trained], multi_hot([label for _, label, _ in trained], 2), CROP,
-                               train=True, image_size=SIZE)
         began = time.perf_counter()
-        result = train(model, dataset, steps=args.steps, batch_size=args.batch, seed=args.seed, lr=args.lr,
-                       null_dropout=args.null_dropout)
+        if args.load:
+            model, final_loss = load_denoiser(args.load, device="cpu"), None
+        else:
+            model = create_pixel_denoiser(["marked", "plain"], resolution=CROP, seed=args.seed, size=args.size)
+            dataset = ImageDataset([p for p, _, _ in trained], multi_hot([label for _, label, _ in trained], 2),
+                                   CROP, train=True, image_size=SIZE)
+            final_loss = train(model, dataset, steps=args.steps, batch_size=args.batch, seed=args.seed, lr=args.lr,
+                               null_dropout=args.null_dropout).final_loss
+            if args.save:
+                model.save(args.save)
         train_seconds = time.perf_counter() - began
+        preset = get_preset(args.preset).with_(draws=args.draws)
         marked = [t for t in test if t[1] == 0][:args.test]
         plain = [t for t in test if t[1] == 1][:args.test]
         began = time.perf_counter()
         with torch.no_grad():
-            marked_maps = maps_of(model, marked, args.draws, seed=args.seed + 1)
-            plain_maps = maps_of(model, plain, args.draws, seed=args.seed + 2)
-        report = {key: value for key, value in vars(args).items() if key not in ("out", "threads")}
-        report.update(train_seconds=round(train_seconds, 1), final_loss=result.final_loss,
+            marked_maps = maps_of(model, marked, preset, seed=args.seed + 1)
+            plain_maps = maps_of(model, plain, preset, seed=args.seed + 2)
+        report = {key: value for key, value in vars(args).items() if key not in ("out", "threads", "save", "load")}
+        report.update(train_seconds=round(train_seconds, 1), final_loss=final_loss, loaded=str(args.load or ""),
                       score_seconds=round(time.perf_counter() - began, 1),
                       **mark_measures(marked, marked_maps, plain_maps))
     print(json.dumps(report, indent=1), flush=True)
