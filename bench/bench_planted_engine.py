@@ -120,6 +120,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="fast", help="typicality preset (paper: i.i.d. t, fast: stratified)")
     parser.add_argument("--draws", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data's is fixed)")
+    parser.add_argument("--shared-init", action="store_true",
+                        help="start every label row and the null row at one random vector (T = 0 at step 0)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--save", type=Path, help="keep the trained model in this folder")
@@ -135,6 +137,10 @@ def main(argv=None) -> dict:
             model, final_loss = load_denoiser(args.load, device="cpu"), None
         else:
             model = create_pixel_denoiser(["marked", "plain"], resolution=CROP, seed=args.seed, size=args.size)
+            if args.shared_init:
+                with torch.no_grad():
+                    model.null_embedding.copy_(model.label_embedding[0])
+                    model.label_embedding.copy_(model.label_embedding[0].expand_as(model.label_embedding))
             dataset = ImageDataset([p for p, _, _ in trained], multi_hot([label for _, label, _ in trained], 2),
                                    CROP, train=True, image_size=SIZE)
             final_loss = train(model, dataset, steps=args.steps, batch_size=args.batch, seed=args.seed, lr=args.lr,
