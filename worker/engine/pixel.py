@@ -95,15 +95,11 @@ class PixelDenoiser(ConditionalDenoiser):
         self.size = size
         self._unet = unet
         self.scheduler = scheduler or DDPMScheduler(num_train_timesteps=self.num_train_timesteps)
-        # Every row, the null one included, starts at one unit-scale random vector: the
-        # conditional and the unconditional model start as the same function (typicality 0
-        # everywhere), so what typicality finds later is what training on the labels taught, not
-        # a leftover of two branches that began apart. Unit scale: the timestep embedding the
-        # row is added to is O(1), so the condition is visible to every ResNet block from the
-        # first step. Measured on a planted mark: docs/benchmarks.md, "Where the rows start".
-        start = torch.randn(self.embedding_dim)
-        self.label_embedding = torch.nn.Parameter(start.expand(len(labels), -1).clone())
-        self.null_embedding = torch.nn.Parameter(start.clone())
+        dim = self.embedding_dim
+        # Unit-scale rows: the timestep embedding they are added to is O(1), so the label signal
+        # is visible to every ResNet block from the first step.
+        self.label_embedding = torch.nn.Parameter(torch.randn(len(labels), dim))
+        self.null_embedding = torch.nn.Parameter(torch.zeros(dim))
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
