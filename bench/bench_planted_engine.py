@@ -26,7 +26,6 @@ Printed, per variant:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.ingest.builtin import twemoji_entries  # noqa: E402
 from app.ingest.plant import paint  # noqa: E402
+from bench.bench_thousand_product import on_white  # noqa: E402
 from worker.engine.data import ImageDataset, View, multi_hot  # noqa: E402
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label  # noqa: E402
 from worker.engine.presets import get_preset  # noqa: E402
@@ -54,16 +54,11 @@ SIZE, MARK, CROP = 128, 8, 32
 
 def emoji_split(folder: Path, count: int, seed: int) -> list[tuple[Path, int, tuple | None]]:
     """`count` emoji at 128 px on white: (path, label 0 = marked / 1 = plain, mark box or None)."""
-    from PIL import Image
-
     entries, _ = twemoji_entries(SIZE)
     rng = random.Random(seed)
     out = []
     for number, entry in enumerate(rng.sample(entries, count)):
-        with Image.open(io.BytesIO(entry.read())) as image:
-            rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
+        flat = on_white(entry)
         label, box = number % 2, None
         if label == 0:
             x, y = rng.randrange(SIZE - MARK + 1), rng.randrange(SIZE - MARK + 1)

@@ -98,10 +98,7 @@ def mark_found(home: Path, run: int, marked: str = MARKED) -> dict:
 
 def split_folder(root: Path, count: int, seed: int = 0) -> Path:
     """`count` emoji of every category at 128 px, RGB on white, half in marked/ and half in plain/."""
-    import io
     import random
-
-    from PIL import Image
 
     sys.path.insert(0, str(ROOT))
     from app.ingest.builtin import twemoji_entries
@@ -111,12 +108,21 @@ def split_folder(root: Path, count: int, seed: int = 0) -> Path:
     for number, entry in enumerate(chosen):
         folder = root / ("marked" if number % 2 == 0 else "plain")
         folder.mkdir(parents=True, exist_ok=True)
-        with Image.open(io.BytesIO(entry.read())) as image:
-            rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        flat.save(folder / f"{number:05d}.png")
+        on_white(entry).save(folder / f"{number:05d}.png")
     return root
+
+
+def on_white(entry):
+    """An emoji entry's rendered RGBA image flattened on white (a PIL RGB image)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(entry.read())) as image:
+        rgba = image.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    return flat
 
 
 def main() -> None:
