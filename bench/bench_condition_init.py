@@ -47,13 +47,19 @@ def planted(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return images, torch.nn.functional.one_hot(labels, 2).float(), masks
 
 
+def start_rows_together(model) -> None:
+    """Every label row and the null row set to the first label's random row: the conditional
+    and the unconditional model become one function (typicality 0 everywhere)."""
+    with torch.no_grad():
+        model.null_embedding.copy_(model.label_embedding[0])
+        model.label_embedding.copy_(model.label_embedding[0].expand_as(model.label_embedding))
+
+
 def trained(start: str, row_lr_scale: float, lr: float, steps: int, data) -> torch.nn.Module:
     model = create_pixel_denoiser(["marked", "plain"], resolution=SIZE, seed=0, size="tiny")
     rows = (model.label_embedding, model.null_embedding)
     if start == "shared":
-        with torch.no_grad():
-            model.null_embedding.copy_(model.label_embedding[0])
-            model.label_embedding.copy_(model.label_embedding[0].expand_as(model.label_embedding))
+        start_rows_together(model)
     adamw = torch.optim.AdamW
 
     def with_row_lr(params, lr, **options):  # the rows in a group of their own

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.ingest.builtin import twemoji_entries  # noqa: E402
 from app.ingest.plant import paint  # noqa: E402
+from bench.bench_condition_init import start_rows_together  # noqa: E402
 from bench.bench_thousand_product import on_white  # noqa: E402
 from worker.engine.data import ImageDataset, View, multi_hot  # noqa: E402
 from worker.engine.patches import default_patch_size, patch_scores, top_boxes, top_per_label  # noqa: E402
@@ -133,9 +134,7 @@ def main(argv=None) -> dict:
         else:
             model = create_pixel_denoiser(["marked", "plain"], resolution=CROP, seed=args.seed, size=args.size)
             if args.shared_init:
-                with torch.no_grad():
-                    model.null_embedding.copy_(model.label_embedding[0])
-                    model.label_embedding.copy_(model.label_embedding[0].expand_as(model.label_embedding))
+                start_rows_together(model)
             dataset = ImageDataset([p for p, _, _ in trained], multi_hot([label for _, label, _ in trained], 2),
                                    CROP, train=True, image_size=SIZE)
             final_loss = train(model, dataset, steps=args.steps, batch_size=args.batch, seed=args.seed, lr=args.lr,
