@@ -1,6 +1,6 @@
 """Where the pixel model's condition rows start, and how fast it learns a label (issue 13, item 7).
 
-    python bench/bench_condition_init.py          # about 2 minutes on 2 cores
+    python bench/bench_condition_init.py --threads 2     # about 8 minutes on 2 cores
 
 The pixel model adds a learned row per label (or a null row, for the unconditional model) to its
 timestep embedding (worker/engine/pixel.py). Today the label rows start as unit-scale random
@@ -14,7 +14,10 @@ Data: 32 px dim colour fields, half of them ("marked") with a bright 8 px square
 place (the tests' planted data, which a tiny model learns in seconds). Tiny model, batch 16, the
 training step counts and learning rates below. Printed: the mean typicality map on the mark and
 off it on 16 unseen marked images (fast preset, 8 draws), the off-mark 99th percentile, and how
-far the "marked" row has moved from the null row.
+far the "marked" row has moved from the null row. Each way of starting the rows trains and scores
+at its own seed (0, 1, 2, 3), so no two share noise. The data are a copy of the tests' planted
+data (tests/engine/conftest.py, `planted_dataset`), not imported: a bench does not reach into the
+tests.
 """
 from __future__ import annotations
 
@@ -55,8 +58,8 @@ def start_rows_together(model) -> None:
         model.label_embedding.copy_(model.label_embedding[0].expand_as(model.label_embedding))
 
 
-def trained(start: str, row_lr_scale: float, lr: float, steps: int, data) -> torch.nn.Module:
-    model = create_pixel_denoiser(["marked", "plain"], resolution=SIZE, seed=0, size="tiny")
+def trained(start: str, row_lr_scale: float, lr: float, steps: int, data, seed: int) -> torch.nn.Module:
+    model = create_pixel_denoiser(["marked", "plain"], resolution=SIZE, seed=seed, size="tiny")
     rows = (model.label_embedding, model.null_embedding)
     if start == "shared":
         start_rows_together(model)
@@ -69,7 +72,7 @@ def trained(start: str, row_lr_scale: float, lr: float, steps: int, data) -> tor
 
     training.torch.optim.AdamW = with_row_lr
     try:
-        training.train(model, torch.utils.data.TensorDataset(*data[:2]), steps=steps, batch_size=16, seed=0, lr=lr)
+        training.train(model, torch.utils.data.TensorDataset(*data[:2]), steps=steps, batch_size=16, seed=seed, lr=lr)
     finally:
         training.torch.optim.AdamW = adamw
     return model
@@ -82,16 +85,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     data = planted(256, seed=0)
     test, conditions, masks = (t[::2][:16] for t in planted(32, seed=5))  # marked ones only
-    print("| rows start | row lr | lr | steps | map on the mark | off it | off-mark 99th pct | row - null |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for start, scale in (("random labels, zero null (today)", 1), ("shared", 1), ("shared", 10), ("shared", 100)):
+    print("| rows start | seed | row lr | lr | steps | map on the mark | off it | off-mark 99th pct | row - null |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    starts = (("random labels, zero null (today)", 1), ("shared", 1), ("shared", 10), ("shared", 100))
+    for seed, (start, scale) in enumerate(starts):
         for lr, steps in SCHEDULES:
-            model = trained(start.split()[0], scale, lr, steps, data)
+            model = trained(start.split()[0], scale, lr, steps, data, seed)
             with torch.no_grad():
-                maps = typicality(model, test, conditions, FAST.with_(draws=8), seed=0).maps
+                maps = typicality(model, test, conditions, FAST.with_(draws=8), seed=seed).maps
                 apart = (model.label_embedding[0] - model.null_embedding).norm()
-            print(f"| {start} | x{scale} | {lr:g} | {steps} | {maps[masks].mean():.4f} | {maps[~masks].mean():.5f} "
-                  f"| {maps[~masks].quantile(0.99):.4f} | {apart:.2f} |", flush=True)
+            print(f"| {start} | {seed} | x{scale} | {lr:g} | {steps} | {maps[masks].mean():.4f} "
+                  f"| {maps[~masks].mean():.5f} | {maps[~masks].quantile(0.99):.4f} | {apart:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Why the planted 8 px mark is hard to find on Twemoji at 128 px (issue 13, item 7): the engine alone.
 
-    python bench/bench_planted_engine.py --null-dropout 0.1 --out a.json   # ~15 min on 2 cores
+    python bench/bench_planted_engine.py --null-dropout 0.1 --out a.json   # ~20 min at one thread
     python bench/bench_planted_engine.py --null-dropout 0.5 --out b.json
+
+Variants compared here train at the seed given (`--seed`): run each at more than one seed
+before reading a difference, since at the product's budget the seed alone moves the result
+from finding the mark in most images to almost none (docs/benchmarks.md, session 7).
 
 The product-level check (bench_thousand_product.py --split) trains, scores and mines through the
 command line and reports how much of the top cluster lies on the mark. This one asks the question
