@@ -12,12 +12,13 @@ from tests.web_helpers import form_token
 def test_the_form_queues_a_pipeline_job(mined_settings, client):
     page = client.get("/datasets/1")
     assert 'action="/datasets/1/runs"' in page.text and "Run 1" in page.text
+    assert 'name="patch_size"' in page.text
     token = form_token(client, "/datasets/1")
     response = client.post("/datasets/1/runs", data={
         "csrf_token": token, "preset": "fast", "backend": "pixel", "steps": "20", "draws": "4",
         "size": "tiny", "per_label": "20", "clusters": "3", "all_labels": "1", "precision": "fp16",
         "processes": "2", "batch_size": "8", "image_size": "48", "tile_stride": "full",
-        "support_share": "0"})
+        "support_share": "0", "patch_size": "10"})
     assert response.status_code == 200 and response.url.path == "/jobs/4"
     with session_scope(mined_settings) as session:
         job = session.get(Job, 4)
@@ -28,7 +29,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
         assert model.config["processes"] == 2 and model.config["batch_size"] == 8
         assert model.config["image_size"] == 48 and model.config["view"] == "whole"
         assert run.params["draws"] == 4 and run.params["all_labels"] and run.params["precision"] == "fp16"
-        assert run.params["mine"] == {"per_label": 20, "clusters": 3, "support_share": 0}
+        assert run.params["mine"] == {"per_label": 20, "clusters": 3, "support_share": 0, "patch_size": 10}
         assert run.params["tile_stride"] == "full"
     home = client.get("/.json").json()
     runs = home["datasets"][0]["runs"]
@@ -45,6 +46,7 @@ def test_the_form_queues_a_pipeline_job(mined_settings, client):
     ("tile_stride", "quarter", "unknown tile_stride"),
     ("support_share", "some", "support share must be a number"),
     ("support_share", "1.5", "support_share: Input should be less than 1"),
+    ("patch_size", "1", "patch size must be between 2"),
 ])
 def test_bad_values_are_explained_inline(client, field, value, message):
     token = form_token(client, "/datasets/1")

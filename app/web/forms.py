@@ -8,8 +8,8 @@ from app.web.upload_stream import human_bytes
 #: The run form's choices and defaults: "fast" is the quick look, "paper" the reference recipe.
 RUN_DEFAULTS = {"preset": "fast", "backend": "pixel", "steps": 1500, "draws": None, "size": "small",
                 "resolution": None, "image_size": None, "batch_size": None, "per_label": None, "clusters": None,
-                "support_share": None, "all_labels": True, "seed": 0, "base": "", "precision": "auto",
-                "processes": None, "tile_stride": "half"}
+                "patch_size": None, "support_share": None, "all_labels": True, "seed": 0, "base": "",
+                "precision": "auto", "processes": None, "tile_stride": "half"}
 #: what the run form offers, from the catalog
 RUN_CHOICES = {"presets": catalog.TYPICALITY_PRESETS, "backends": catalog.BACKENDS,
            "precisions": catalog.PRECISIONS, "sizes": catalog.PIXEL_SIZES,
