@@ -242,7 +242,9 @@ def add_score_flags(parser: argparse.ArgumentParser, *, seed: bool = True, image
 def add_mine_flags(parser: argparse.ArgumentParser) -> None:
     """The options of `mine`, also `run`'s."""
     parser.add_argument("--patch-size", type=int, help="box side in model pixels (default: scaled "
-                                                        "from the paper's 50 px at 256 px)")
+                                                        "from the paper's 50 px at 256 px); for elements "
+                                                        "much smaller, near their size keeps them in one "
+                                                        "cluster (docs/method.md)")
     parser.add_argument("--per-label", type=int, help="patches kept per label (paper: 1000)")
     parser.add_argument("--per-image", type=int, help="boxes per image (paper: 5)")
     parser.add_argument("--lookalike-threshold", type=float,
