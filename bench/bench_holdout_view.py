@@ -39,6 +39,7 @@ from worker.engine.data import ImageDataset, View, load_view_groups  # noqa: E40
 from worker.engine.presets import FAST  # noqa: E402
 from worker.engine.registry import load_denoiser  # noqa: E402
 from worker.engine.tiles import label_scores_as_trained, passes_per_draw  # noqa: E402
+from worker.handlers.evaluate import spread_sample  # noqa: E402
 
 VIEWS = ("squeeze", "crop", "tiles")
 
@@ -50,7 +51,7 @@ def holdout_of(home: Path, images: int):
         holdout = examples(session, settings, label_set_id=model.label_set_id, split="holdout")
         config, weights = dict(model.config), model.weights_dir
     weights = Path(weights) if Path(weights).is_absolute() else settings.home_dir / weights
-    return holdout[:: max(1, len(holdout) // images)][:images], config, weights
+    return spread_sample(holdout, images), config, weights  # the train job's own choice of images
 
 
 def view_batches(view: str, paths: list[str], *, resolution: int, image_size: int):

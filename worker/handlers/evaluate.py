@@ -19,7 +19,7 @@ def holdout_accuracy(context: JobContext, denoiser, *, label_set_id: int, draws:
 
     with session_scope(context.settings) as session:
         holdout = examples(session, context.settings, label_set_id=label_set_id, split="holdout")
-    holdout = holdout[:: max(1, len(holdout) // max_images)][:max_images]
+    holdout = spread_sample(holdout, max_images)
     if not holdout:
         return {}
     preset = FAST.with_(name=f"classifier-{draws}", draws=draws)
@@ -36,6 +36,11 @@ def holdout_accuracy(context: JobContext, denoiser, *, label_set_id: int, draws:
         context.check()
     return {"classifier_accuracy": correct / len(holdout), "chance": 1 / denoiser.num_labels,
             "classifier_images": len(holdout), "classifier_draws": draws}
+
+
+def spread_sample(items: list, count: int) -> list:
+    """At most `count` of `items`, evenly spaced through them (deterministic, no seed needed)."""
+    return items[:: max(1, len(items) // count)][:count]
 
 
 def denoiser_resolution(denoiser) -> int:
